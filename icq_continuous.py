@@ -1,0 +1,485 @@
+# ICQ (Yang et al., NeurIPS 2021, arXiv 2106.03400), Algorithm 1, continuous actions -- docs: README.md#icq_continuouspy
+"""Implicit Constraint Q-learning on D4RL data (Minari ids or original D4RL HDF5 files).
+
+The critic evaluates pi* = mu * exp(Q / alpha) / Z with importance weights on dataset actions only (eq. 10),
+and the actor is extracted by weighted behaviour cloning (KL(pi* || pi_theta)). Z is the batch softmax.
+"""
+import copy
+import json
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, the run is tracked with Weights and Biases"""
+    wandb_project_name: str = "icq"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of the wandb project"""
+    run_name: Optional[str] = None
+    """name of runs/{run_name}/ (default: {dataset}__{exp_name}__{seed}__{time}; with --resume, the checkpoint's run)"""
+    save_model: bool = False
+    """write runs/{run_name}/checkpoint.pt at every evaluation and at the end"""
+    resume: Optional[str] = None
+    """path of a checkpoint.pt to continue training from"""
+
+    # Algorithm specific arguments
+    dataset_id: Optional[str] = None
+    """a Minari dataset id, e.g. D4RL/antmaze/umaze-v1, D4RL/door/expert-v2, mujoco/hopper/medium-v0"""
+    dataset_path: Optional[str] = None
+    """an original D4RL HDF5 file (keys observations, actions, rewards, terminals, timeouts); needs --env-id"""
+    env_id: Optional[str] = None
+    """gymnasium id of the evaluation env (default for Minari ids: the dataset's own eval env)"""
+    preset: Literal["auto", "locomotion", "antmaze", "adroit"] = "auto"
+    """authors' per-domain settings for the options left unset below (auto: from the dataset name)"""
+    total_steps: int = 1_000_000
+    """number of gradient steps (one critic and one actor update each)"""
+    batch_size: Optional[int] = None
+    """minibatch size; the batch softmax normalises over it (preset: 32, antmaze 1024)"""
+    alpha: Optional[float] = None
+    """actor temperature: weight = B * softmax_batch(signal / alpha) (preset: 600, antmaze 10)"""
+    critic_alpha: Optional[float] = None
+    """critic temperature of the importance weight rho (preset: 600, antmaze 10)"""
+    actor_signal: Literal["td", "q"] = "td"
+    """what the actor weight exponentiates: the authors' one-step TD error, or Q(s, a) as the paper writes"""
+    twin_q: Optional[bool] = None
+    """two critics, min for targets and signals (preset: only antmaze)"""
+    timeout_as_terminal: Optional[bool] = None
+    """keep a time-limited episode's last step with done = 1 instead of dropping it (preset: only antmaze)"""
+    critic_weight_scale: float = 1.0
+    """multiply rho by this (the authors' MuJoCo code uses 0.5)"""
+    clip_critic_weights: bool = False
+    """clamp rho to [0, 1] as the authors' code does"""
+    gamma: float = 0.99
+    """the discount factor"""
+    tau: float = 0.005
+    """polyak rate of the target critic"""
+    actor_lr: float = 3e-4
+    """actor learning rate (Adam)"""
+    critic_lr: float = 3e-4
+    """critic learning rate (Adam)"""
+    actor_weight_decay: float = 1e-4
+    """actor Adam weight decay"""
+    eval_interval: int = 5000
+    """gradient steps between evaluations"""
+    eval_episodes: Optional[int] = None
+    """episodes per evaluation (preset: 10, antmaze 100)"""
+    log_interval: int = 1000
+    """gradient steps between progress lines and TensorBoard scalars"""
+
+
+# The authors' settings per domain (ICQ_softmax for MuJoCo/Adroit, ICQ-antmaze_softmax for AntMaze).
+PRESETS = {
+    "locomotion": dict(batch_size=32, alpha=600.0, critic_alpha=600.0, twin_q=False, timeout_as_terminal=False, eval_episodes=10),
+    "adroit": dict(batch_size=32, alpha=600.0, critic_alpha=600.0, twin_q=False, timeout_as_terminal=False, eval_episodes=10),
+    "antmaze": dict(batch_size=1024, alpha=10.0, critic_alpha=10.0, twin_q=True, timeout_as_terminal=True, eval_episodes=100),
+}
+# D4RL reference returns (d4rl/infos.py) that turn an original D4RL file's return into a 0-100 score.
+D4RL_REF_SCORES = {
+    "hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3),
+    "pen": (96.262799, 3076.8331), "door": (-56.512833, 2880.5693), "hammer": (-274.856578, 12794.1348),
+    "relocate": (-6.425911, 4233.8778),
+}
+
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")
+
+
+def resolve_args(args):
+    name = (args.dataset_id or os.path.basename(args.dataset_path or "")).lower()
+    preset = args.preset
+    if preset == "auto":
+        adroit = any(task in name for task in ("pen", "door", "hammer", "relocate"))
+        preset = "antmaze" if "antmaze" in name else "adroit" if adroit else "locomotion"
+    for key, value in PRESETS[preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.preset = preset
+    if (args.dataset_id is None) == (args.dataset_path is None):
+        fail("give exactly one of --dataset-id (a Minari id) and --dataset-path (a D4RL HDF5 file)")
+    if args.dataset_path is not None and args.env_id is None:
+        fail("--dataset-path needs --env-id, the gymnasium env to evaluate in (e.g. Hopper-v5 for hopper-medium-v2.hdf5)")
+    if args.alpha <= 0 or args.critic_alpha <= 0:
+        fail(f"--alpha and --critic-alpha are temperatures and must be > 0 (got {args.alpha}, {args.critic_alpha})")
+    if args.batch_size < 1 or args.total_steps < 1 or args.eval_interval < 1 or args.log_interval < 1 or args.eval_episodes < 1:
+        fail("--batch-size, --total-steps, --eval-interval, --log-interval and --eval-episodes must be >= 1")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data: every transition carries the next action a' of the same episode, because the ICQ operator (eq. 10) only ever
+# evaluates Q at dataset actions. A time-limited episode's last step has no a' and is dropped; true terminals are kept
+# with done = 1 (their a' is never used).
+def flatten_obs(obs):
+    """AntMaze dict observations become the D4RL 29-d layout (x, y first) followed by the 2-d goal."""
+    if isinstance(obs, dict):
+        return np.concatenate([obs["achieved_goal"], obs["observation"], obs["desired_goal"]], axis=-1)
+    return obs
+
+
+def episode_transitions(obs, actions, rewards, terminals, timeout_as_terminal):
+    """One episode (obs has one more row than actions) -> (s, a, r, s', a', done) arrays."""
+    steps = len(actions)
+    ends_in_terminal = bool(terminals[-1]) or timeout_as_terminal
+    keep = steps if ends_in_terminal else steps - 1
+    next_actions = np.concatenate([actions[1:], actions[-1:]])  # the last a' only pads a terminal row
+    done = np.zeros(steps, dtype=np.float32)
+    done[-1] = float(ends_in_terminal)
+    return obs[:keep], actions[:keep], rewards[:keep], obs[1 : keep + 1], next_actions[:keep], done[:keep]
+
+
+def load_minari(dataset_id, timeout_as_terminal):
+    import minari
+
+    try:
+        dataset = minari.load_dataset(dataset_id)
+    except (FileNotFoundError, ValueError) as exc:
+        root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+        fail(
+            f"Minari dataset '{dataset_id}' is not in the local store ({root}): {exc}\n"
+            f"Download it once with `minari download {dataset_id}` (needs network and `pip install minari[hf]`), "
+            "or pass an original D4RL file with --dataset-path FILE.hdf5 --env-id ENV."
+        )
+    parts = []
+    for ep in dataset.iterate_episodes():
+        obs = flatten_obs(ep.observations)
+        parts.append(episode_transitions(obs, ep.actions, ep.rewards, ep.terminations, timeout_as_terminal))
+    return [np.concatenate(column) for column in zip(*parts)], dataset
+
+
+def load_d4rl_hdf5(path, timeout_as_terminal):
+    import h5py
+
+    if not os.path.isfile(path):
+        fail(f"--dataset-path {path}: no such file")
+    with h5py.File(path, "r") as f:
+        missing = [k for k in ("observations", "actions", "rewards", "terminals", "timeouts") if k not in f]
+        if missing:
+            fail(f"{path} is not a D4RL file: missing keys {missing} (has {sorted(f.keys())})")
+        data = {k: f[k][:] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations") if k in f}
+        if "infos/goal" in f:  # AntMaze: append the goal, as the authors' replay buffer does
+            for k in ("observations", "next_observations"):
+                if k in data:
+                    data[k] = np.concatenate([data[k], f["infos/goal"][:]], axis=-1)
+    # The file is one long array; episodes end at a terminal or a timeout (the final row ends one too).
+    data["terminals"], data["timeouts"] = data["terminals"].astype(bool), data["timeouts"].astype(bool)
+    ends = np.flatnonzero(data["terminals"] | data["timeouts"]).tolist()
+    if not ends or ends[-1] != len(data["rewards"]) - 1:
+        ends.append(len(data["rewards"]) - 1)
+    # The final observation of an episode is next_observations[end] when the file has it; otherwise it only pads a row
+    # that is either dropped (timeout) or terminal (s' unused).
+    last_obs = data.get("next_observations", data["observations"])
+    parts, start = [], 0
+    for end in ends:
+        sl = slice(start, end + 1)
+        obs = np.concatenate([data["observations"][sl], last_obs[end : end + 1]])
+        parts.append(episode_transitions(obs, data["actions"][sl], data["rewards"][sl], data["terminals"][sl], timeout_as_terminal))
+        start = end + 1
+    return [np.concatenate(column) for column in zip(*parts)]
+
+
+def make_dataset_tensors(columns, device):
+    names = ("obs", "actions", "rewards", "next_obs", "next_actions", "dones")
+    return {n: torch.as_tensor(np.asarray(c, dtype=np.float32), device=device) for n, c in zip(names, columns)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Networks (the authors' ICQ_softmax core.py): Q is a 256-256 MLP on (s, a); the actor is a 4x256 MLP with a tanh mean
+# and a state-independent log-std squashed into [-6, 0]; log pi is the Normal density of the dataset action.
+def mlp(sizes):
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers += [nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+class Critic(nn.Module):
+    def __init__(self, obs_dim, act_dim, num_q):
+        super().__init__()
+        self.qs = nn.ModuleList(mlp([obs_dim + act_dim, 256, 256, 1]) for _ in range(num_q))
+
+    def forward(self, obs, act):
+        x = torch.cat([obs, act], -1)
+        return torch.stack([q(x).squeeze(-1) for q in self.qs])  # [num_q, B]
+
+
+class Actor(nn.Module):
+    def __init__(self, obs_dim, act_dim, action_space):
+        super().__init__()
+        self.net = mlp([obs_dim, 256, 256, 256, 256, act_dim])
+        self.log_std_logits = nn.Parameter(torch.zeros(act_dim))  # initial std e^-3
+        low, high = (torch.as_tensor(b, dtype=torch.float32) for b in (action_space.low, action_space.high))
+        self.register_buffer("action_scale", (high - low) / 2)
+        self.register_buffer("action_bias", (high + low) / 2)
+
+    def forward(self, obs):
+        return torch.tanh(self.net(obs)) * self.action_scale + self.action_bias
+
+    def log_prob(self, obs, act):
+        std = torch.exp(-6.0 + 6.0 * torch.sigmoid(self.log_std_logits))
+        return torch.distributions.Normal(self(obs), std).log_prob(act).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ICQ losses
+@torch.no_grad()
+def icq_weights(x, temperature, mask=None):
+    """n * softmax(x / temperature) over dim 0 (the minibatch), the practical Z of the paper (Sec. 4.1).
+
+    Entries where the boolean `mask` is False get weight 0 and do not enter the softmax; n is the number of valid
+    entries, so the valid weights average to 1. softmax subtracts the max, so large x or small temperatures stay finite.
+    """
+    logits = x / temperature
+    if mask is None:
+        return x.shape[0] * torch.softmax(logits, dim=0)
+    weights = mask.sum(0, keepdim=True) * torch.softmax(logits.masked_fill(~mask, -torch.inf), dim=0)
+    return torch.where(mask, weights, torch.zeros_like(weights))  # a column with no valid entry gives 0, not NaN
+
+
+def critic_target(reward, done, next_q, gamma, temperature, scale=1.0, clip=False):
+    """The ICQ target r + gamma (1 - d) rho Q'(s', a') with rho = exp(Q'/T) / Z (eq. 10), all [B].
+
+    a' is the dataset's next action, so no out-of-data action is ever queried. Terminal rows carry no a' and stay out
+    of the softmax. `scale` and `clip` reproduce the authors' rho = clamp(B/2 * softmax, 0, 1).
+    """
+    rho = scale * icq_weights(next_q, temperature, mask=done == 0)
+    if clip:
+        rho = rho.clamp(0.0, 1.0)
+    return reward + gamma * (1.0 - done) * rho * next_q
+
+
+def critic_loss(critic, critic_target_net, batch, gamma, temperature, scale=1.0, clip=False):
+    """Squared error to the ICQ target; twin critics share one target built from their min (authors' AntMaze code).
+
+    Q and Q' are evaluated only at the batch's (s, a) and (s', a'): the implicit constraint of eq. 10.
+    """
+    obs, act, rew, next_obs, next_act, done = batch
+    with torch.no_grad():
+        next_q = critic_target_net(next_obs, next_act).min(0).values
+        target = critic_target(rew, done, next_q, gamma, temperature, scale, clip)
+    return ((critic(obs, act) - target) ** 2).mean(1).sum()
+
+
+@torch.no_grad()
+def actor_signal(critic, batch, gamma, kind):
+    """What the actor weight exponentiates: Q(s, a) (paper) or the one-step TD error (authors' code, "more stable")."""
+    obs, act, rew, next_obs, next_act, done = batch
+    q = critic(obs, act)
+    signal = q if kind == "q" else rew + gamma * (1.0 - done) * critic(next_obs, next_act) - q
+    return signal.min(0).values
+
+
+def actor_loss(log_prob, signal, temperature):
+    """Weighted behaviour cloning, the KL(pi* || pi_theta) objective of Sec. 4.2: -mean(exp(signal/T)/Z * log pi)."""
+    return -(icq_weights(signal, temperature) * log_prob).mean()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation: deterministic mean action; AntMaze counts success (Minari's AntMaze eval env never ends on success).
+def evaluate(actor, env, episodes, seed, device, antmaze):
+    returns, successes = [], []
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        ret, success, done = 0.0, False, False
+        while not done:
+            with torch.no_grad():
+                action = actor(torch.as_tensor(flatten_obs(obs), dtype=torch.float32, device=device)).cpu().numpy()
+            obs, reward, terminated, truncated, info = env.step(action)
+            ret += float(reward)
+            success = success or bool(info.get("success", False))
+            done = terminated or truncated or (antmaze and success)
+        returns.append(ret)
+        successes.append(success)
+    return float(np.mean(returns)), float(np.mean(successes))
+
+
+def normalized_score(args, minari_dataset, mean_return, success_rate):
+    """x100 scores: AntMaze success rate; Minari's reference scores; D4RL's for an original D4RL file."""
+    if args.preset == "antmaze":
+        return 100.0 * success_rate
+    if minari_dataset is not None:
+        import minari
+
+        try:
+            return 100.0 * float(minari.get_normalized_score(minari_dataset, np.array([mean_return]))[0])
+        except ValueError:  # the dataset has no reference scores
+            return None
+    for name, (low, high) in D4RL_REF_SCORES.items():
+        if name in os.path.basename(args.dataset_path).lower():
+            return 100.0 * (mean_return - low) / (high - low)
+    return None
+
+
+if __name__ == "__main__":
+    args = resolve_args(tyro.cli(Args))
+    checkpoint = None
+    if args.resume is not None:
+        if not os.path.isfile(args.resume):
+            fail(f"--resume {args.resume}: no such checkpoint")
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+        if (checkpoint["args"]["dataset_id"], checkpoint["args"]["dataset_path"]) != (args.dataset_id, args.dataset_path):
+            fail(f"--resume {args.resume} was trained on {checkpoint['args']['dataset_id'] or checkpoint['args']['dataset_path']}; pass the same dataset")
+        args.run_name = args.run_name or os.path.basename(os.path.dirname(os.path.abspath(args.resume)))
+    dataset_name = (args.dataset_id or os.path.splitext(os.path.basename(args.dataset_path))[0]).replace("/", "-")
+    run_name = args.run_name or f"{dataset_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = f"runs/{run_name}"
+    ckpt_path = f"{run_dir}/checkpoint.pt"
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # Data and evaluation env
+    minari_dataset = None
+    if args.dataset_id is not None:
+        columns, minari_dataset = load_minari(args.dataset_id, args.timeout_as_terminal)
+        env = gym.make(args.env_id) if args.env_id else minari_dataset.recover_environment(eval_env=True)
+    else:
+        columns = load_d4rl_hdf5(args.dataset_path, args.timeout_as_terminal)
+        try:
+            env = gym.make(args.env_id)
+        except gym.error.Error as exc:
+            fail(f"--env-id {args.env_id}: {exc}")
+    data = make_dataset_tensors(columns, device)
+    obs_dim, act_dim = data["obs"].shape[1], data["actions"].shape[1]
+    env_obs_dim = flatten_obs(env.observation_space.sample()).shape[0]
+    if (obs_dim, act_dim) != (env_obs_dim, env.action_space.shape[0]):
+        fail(
+            f"the data and the env disagree: observation size {obs_dim} vs {env_obs_dim}, action size {act_dim} vs "
+            f"{env.action_space.shape[0]} (data: {args.dataset_id or args.dataset_path}, env: {env.spec.id}); pick the matching --env-id"
+        )
+    num_transitions = data["rewards"].shape[0]
+    print(f"{num_transitions} transitions from {args.dataset_id or args.dataset_path}, preset {args.preset}, eval env {env.spec.id}")
+
+    actor = Actor(obs_dim, act_dim, env.action_space).to(device)
+    critic = Critic(obs_dim, act_dim, 2 if args.twin_q else 1).to(device)
+    critic_target_net = copy.deepcopy(critic).requires_grad_(False)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, weight_decay=args.actor_weight_decay)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
+
+    start_step, evaluations = 0, []
+    if checkpoint is not None:
+        for module, key in ((actor, "actor"), (critic, "critic"), (critic_target_net, "critic_target"),
+                            (actor_optimizer, "actor_optimizer"), (critic_optimizer, "critic_optimizer")):
+            module.load_state_dict(checkpoint[key])
+        random.setstate(checkpoint["rng"]["python"])
+        np.random.set_state(checkpoint["rng"]["numpy"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        start_step, evaluations = checkpoint["step"], checkpoint["evaluations"]
+        print(f"resumed from {args.resume} at step {start_step}")
+
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    def save_checkpoint(step):
+        state = {key: module.state_dict() for key, module in (("actor", actor), ("critic", critic), ("critic_target", critic_target_net),
+                                                               ("actor_optimizer", actor_optimizer), ("critic_optimizer", critic_optimizer))}
+        state["rng"] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+        state.update(step=step, args=vars(args), evaluations=evaluations)
+        torch.save(state, ckpt_path + ".tmp")
+        os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash mid-save leaves the previous checkpoint intact
+
+    def check_finite(nonfinite_step):
+        if int(nonfinite_step) >= 0:
+            kept = f"the last checkpoint {ckpt_path} is unchanged; continue with --resume {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written"
+            fail(f"non-finite loss (NaN or inf) at step {int(nonfinite_step)}; training stopped, {kept}")
+
+    nonfinite_step = torch.full((), -1, device=device)  # first step with a NaN/inf loss, read only at log intervals
+    start_time, eval_seconds = time.time(), 0.0
+    for step in range(start_step + 1, args.total_steps + 1):
+        idx = torch.randint(num_transitions, (args.batch_size,), device=device)
+
+        batch = tuple(data[k][idx] for k in ("obs", "actions", "rewards", "next_obs", "next_actions", "dones"))
+        loss_q = critic_loss(critic, critic_target_net, batch, args.gamma, args.critic_alpha, args.critic_weight_scale, args.clip_critic_weights)
+        critic_optimizer.zero_grad()
+        loss_q.backward()
+        critic_optimizer.step()
+
+        # The actor's weights come from the just-updated critic, as in the authors' code.
+        signal = actor_signal(critic, batch, args.gamma, args.actor_signal)
+        loss_pi = actor_loss(actor.log_prob(batch[0], batch[1]), signal, args.alpha)
+        actor_optimizer.zero_grad()
+        loss_pi.backward()
+        actor_optimizer.step()
+
+        with torch.no_grad():
+            for p, p_target in zip(critic.parameters(), critic_target_net.parameters()):
+                p_target.lerp_(p, args.tau)
+        nonfinite_step = torch.where((nonfinite_step < 0) & ~torch.isfinite(loss_q + loss_pi), step, nonfinite_step)
+
+        if step % args.log_interval == 0:
+            check_finite(nonfinite_step)
+            sps = int((step - start_step) / (time.time() - start_time - eval_seconds))
+            writer.add_scalar("losses/critic_loss", loss_q.item(), step)
+            writer.add_scalar("losses/actor_loss", loss_pi.item(), step)
+            writer.add_scalar("losses/actor_signal", signal.mean().item(), step)
+            writer.add_scalar("charts/SPS", sps, step)
+            print(f"step {step}/{args.total_steps} | critic {loss_q.item():.4f} | actor {loss_pi.item():.4f} | {sps} steps/s")
+
+        if step % args.eval_interval == 0 or step == args.total_steps:
+            check_finite(nonfinite_step)
+            eval_start = time.time()
+            actor.eval()
+            mean_return, success_rate = evaluate(actor, env, args.eval_episodes, args.seed + 10_000, device, args.preset == "antmaze")
+            actor.train()
+            score = normalized_score(args, minari_dataset, mean_return, success_rate)
+            eval_seconds += time.time() - eval_start
+            evaluations.append({"step": step, "return": mean_return, "score": score, "success_rate": success_rate})
+            writer.add_scalar("eval/episodic_return", mean_return, step)
+            if score is not None:
+                writer.add_scalar("eval/normalized_score", score, step)
+            print(f"eval step {step}: return {mean_return:.1f}" + (f", score {score:.1f}" if score is not None else ""))
+            if args.save_model:
+                save_checkpoint(step)
+
+    wall_seconds = time.time() - start_time
+    scores = [e["score"] for e in evaluations if e["score"] is not None]  # None where the data has no reference scores
+    summary = {
+        "args": vars(args),
+        "run_name": run_name,
+        "final_score": evaluations[-1]["score"] if evaluations else None,
+        "best_score": max(scores) if scores else None,
+        "final_return": evaluations[-1]["return"] if evaluations else None,
+        "best_return": max(e["return"] for e in evaluations) if evaluations else None,
+        "updates_per_second": (args.total_steps - start_step) / max(wall_seconds - eval_seconds, 1e-9),
+        "wall_seconds": wall_seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "evaluations": evaluations,
+    }
+    with open(f"{run_dir}/summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"done: final score {summary['final_score']}, best {summary['best_score']}, summary in {run_dir}/summary.json")
+    env.close()
+    writer.close()
