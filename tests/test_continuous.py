@@ -1,0 +1,245 @@
+"""icq_continuous.py: the ICQ math (spec section 5), the data pipeline, and end-to-end runs on tiny local data."""
+import json
+
+import gymnasium as gym
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import assert_user_error, run_script
+
+import icq_continuous as icq
+
+SCRIPT = "icq_continuous.py"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# icq_weights
+def test_icq_weights_mean_one_and_zero_on_padding():
+    x = torch.randn(7, 3)
+    mask = torch.rand(7, 3) > 0.4
+    mask[0] = True  # every column has a valid entry
+    w = icq.icq_weights(x, 0.5, mask)
+    assert torch.all(w[~mask] == 0)
+    assert torch.allclose(w.sum(0) / mask.sum(0), torch.ones(3))
+    assert torch.allclose(icq.icq_weights(x, 0.5).mean(0), torch.ones(3))
+    # Padding values never matter, however extreme.
+    assert torch.equal(icq.icq_weights(torch.where(mask, x, torch.tensor(1e9)), 0.5, mask), w)
+
+
+def test_icq_weights_limits_and_stability():
+    x = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    assert torch.allclose(icq.icq_weights(x, 1e9), torch.ones(4))  # temperature -> inf: uniform (SARSA)
+    assert torch.equal(icq.icq_weights(x, 1e-4), torch.tensor([0.0, 4.0, 0.0, 0.0]))  # -> 0: one-hot on the max
+    big = icq.icq_weights(torch.tensor([1e4, -1e4, 5e3]), 1e-3)
+    assert torch.all(torch.isfinite(big)) and torch.allclose(big, torch.tensor([3.0, 0.0, 0.0]))
+    assert torch.all(icq.icq_weights(x, 1e-3, torch.zeros(4, dtype=torch.bool)) == 0)  # nothing valid: zeros, not NaN
+
+
+def test_icq_weights_carry_no_gradient():
+    x = torch.randn(5, requires_grad=True)
+    assert not icq.icq_weights(x, 1.0).requires_grad
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# critic target and losses
+def test_critic_target_is_sarsa_as_temperature_grows():
+    r, next_q = torch.randn(64), torch.randn(64) * 10
+    d = (torch.rand(64) < 0.2).float()
+    sarsa = r + 0.99 * (1 - d) * next_q
+    assert torch.allclose(icq.critic_target(r, d, next_q, 0.99, 1e9), sarsa, atol=1e-5)
+    # Small temperature: rho concentrates on the largest non-terminal Q', the in-data max of eq. 10.
+    y = icq.critic_target(r, d, next_q, 0.99, 1e-4)
+    best = torch.where(d == 0, next_q, -torch.inf).argmax()
+    expected = r.clone()
+    expected[best] += 0.99 * (d == 0).sum() * next_q[best]
+    assert torch.allclose(y, expected, atol=1e-4)
+
+
+def test_terminal_rows_stay_out_of_the_softmax():
+    r, next_q = torch.zeros(4), torch.tensor([1.0, 2.0, 3.0, 4.0])
+    d = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    y1 = icq.critic_target(r, d, next_q, 1.0, 1.0)
+    y2 = icq.critic_target(r, d, torch.tensor([1.0, 2.0, 3.0, -1e6]), 1.0, 1.0)
+    assert torch.equal(y1, y2) and y1[3] == 0
+    w = 3 * torch.softmax(next_q[:3], 0)
+    assert torch.allclose(y1[:3], w * next_q[:3])
+
+
+def test_authors_clamp_and_scale():
+    r, d, next_q = torch.zeros(4), torch.zeros(4), torch.tensor([0.0, 0.0, 0.0, 100.0])
+    y = icq.critic_target(r, d, next_q, 1.0, 1.0, scale=0.5, clip=True)
+    assert torch.allclose(y, torch.tensor([0.0, 0.0, 0.0, 100.0]))  # rho = clamp(4/2 * ~1, 0, 1) = 1 on the max
+
+
+def test_actor_loss_limits():
+    log_prob, signal = torch.randn(16), torch.randn(16)
+    assert torch.allclose(icq.actor_loss(log_prob, signal, 1e9), -log_prob.mean())  # plain behaviour cloning
+    assert torch.allclose(icq.actor_loss(log_prob, signal, 1e-4), -log_prob[signal.argmax()])
+
+
+class SpyCritic(torch.nn.Module):
+    """Records every action a critic is asked about."""
+
+    def __init__(self, num_q):
+        super().__init__()
+        self.inner = icq.Critic(3, 2, num_q)
+        self.seen = []
+
+    def forward(self, obs, act):
+        self.seen.append(act.detach().clone())
+        return self.inner(obs, act)
+
+
+@pytest.mark.parametrize("num_q", [1, 2])
+def test_critic_only_sees_dataset_actions(num_q):
+    torch.manual_seed(0)
+    batch = (torch.randn(8, 3), torch.rand(8, 2), torch.randn(8), torch.randn(8, 3), torch.rand(8, 2), torch.zeros(8))
+    critic, target = SpyCritic(num_q), SpyCritic(num_q)
+    loss = icq.critic_loss(critic, target, batch, 0.99, 1.0)
+    loss.backward()
+    for kind in ("td", "q"):
+        icq.actor_signal(critic, batch, 0.99, kind)
+    allowed = torch.cat([batch[1], batch[4]])
+    for act in critic.seen + target.seen:
+        assert all((row == allowed).all(1).any() for row in act)
+    assert loss.shape == () and torch.isfinite(loss)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# data pipeline
+def test_episode_transitions_next_action_terminal_and_timeout():
+    obs = np.arange(5, dtype=np.float32)[:, None]
+    actions = np.arange(4, dtype=np.float32)[:, None] + 10
+    rewards = np.ones(4, np.float32)
+    # Time-limited: the last step has no a' and is dropped.
+    s, a, r, s2, a2, d = icq.episode_transitions(obs, actions, rewards, np.zeros(4, bool), False)
+    assert len(s) == 3 and np.array_equal(a2[:, 0], [11, 12, 13]) and np.array_equal(s2[:, 0], [1, 2, 3]) and not d.any()
+    # A true terminal is kept with done = 1.
+    s, a, r, s2, a2, d = icq.episode_transitions(obs, actions, rewards, np.array([0, 0, 0, 1], bool), False)
+    assert len(s) == 4 and np.array_equal(d, [0, 0, 0, 1]) and np.array_equal(a2[:3, 0], [11, 12, 13])
+    # AntMaze (authors): a timeout counts as a terminal.
+    assert np.array_equal(icq.episode_transitions(obs, actions, rewards, np.zeros(4, bool), True)[5], [0, 0, 0, 1])
+
+
+def write_d4rl_file(path, episodes, obs_dim=11, act_dim=3, goal=False, reward_value=None):
+    """A D4RL-layout HDF5 file: `episodes` is a list of (length, ends_in_terminal)."""
+    rng = np.random.default_rng(0)
+    n = sum(length for length, _ in episodes)
+    terminals, timeouts, i = np.zeros(n, bool), np.zeros(n, bool), 0
+    for length, terminal in episodes:
+        i += length
+        (terminals if terminal else timeouts)[i - 1] = True
+    rewards = rng.normal(size=n).astype(np.float32) if reward_value is None else np.full(n, reward_value, np.float32)
+    with h5py.File(path, "w") as f:
+        f["observations"] = rng.normal(size=(n, obs_dim)).astype(np.float32)
+        f["actions"] = rng.uniform(-1, 1, size=(n, act_dim)).astype(np.float32)
+        f["rewards"], f["terminals"], f["timeouts"] = rewards, terminals, timeouts
+        if goal:
+            f["infos/goal"] = rng.normal(size=(n, 2)).astype(np.float32)
+    return n
+
+
+def test_d4rl_loader_respects_episode_boundaries(tmp_path):
+    path = tmp_path / "hopper-test.hdf5"
+    write_d4rl_file(path, [(4, False), (3, True), (5, False)])
+    with h5py.File(path) as f:
+        obs, act = f["observations"][:], f["actions"][:]
+    s, a, r, s2, a2, d = icq.load_d4rl_hdf5(str(path), False)
+    # 4-step timeout -> 3 rows, 3-step terminal -> 3 rows, 5-step timeout -> 4 rows
+    rows = [0, 1, 2, 4, 5, 6, 7, 8, 9, 10]
+    assert np.array_equal(s, obs[rows]) and np.array_equal(a, act[rows]) and np.array_equal(d, [0, 0, 0, 0, 0, 1, 0, 0, 0, 0])
+    non_terminal = [i for i in range(10) if d[i] == 0]
+    assert np.array_equal(a2[non_terminal], act[[rows[i] + 1 for i in non_terminal]])  # a' from the same episode
+    assert np.array_equal(s2[non_terminal], obs[[rows[i] + 1 for i in non_terminal]])
+    # AntMaze files: the goal is appended to the 29-d observation.
+    write_d4rl_file(tmp_path / "antmaze.hdf5", [(6, False)], obs_dim=29, act_dim=8, goal=True)
+    s, *_ , d = icq.load_d4rl_hdf5(str(tmp_path / "antmaze.hdf5"), True)
+    assert s.shape == (6, 31) and d[-1] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# end to end through the command line
+def make_minari_hopper(dataset_id="test/hopper/random-v0", episodes=4, length=40):
+    from minari.data_collector.episode_buffer import EpisodeBuffer
+
+    import minari
+
+    env = gym.make("Hopper-v5", max_episode_steps=length)
+    buffers = []
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=ep)
+        observations, actions, rewards, terms, truncs = [obs], [], [], [], []
+        while True:
+            action = env.action_space.sample() * 0.3
+            obs, reward, terminated, truncated, _ = env.step(action)
+            observations.append(obs), actions.append(action), rewards.append(reward), terms.append(terminated), truncs.append(truncated)
+            if terminated or truncated:
+                break
+        buffers.append(EpisodeBuffer(id=ep, seed=ep, observations=np.array(observations), actions=np.array(actions),
+                                     rewards=rewards, terminations=terms, truncations=truncs, infos={}))
+    minari.create_dataset_from_buffers(dataset_id, buffers, env="Hopper-v5", eval_env="Hopper-v5", ref_min_score=-20.0, ref_max_score=3000.0,
+                                       algorithm_name="random", author="test", author_email="test@example.com",
+                                       code_permalink="https://example.com", description="tiny test data")
+
+
+def test_minari_end_to_end(tmp_path, monkeypatch):
+    assert "--dataset-id" in run_script(SCRIPT, "--help", cwd=tmp_path).stdout
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))  # the script inherits it
+    make_minari_hopper()
+    proc = run_script(SCRIPT, "--dataset-id", "test/hopper/random-v0", "--total-steps", 200, "--eval-interval", 200,
+                      "--eval-episodes", 2, "--log-interval", 100, "--batch-size", 64, "--run-name", "m", cwd=tmp_path)
+    assert "steps/s" in proc.stdout and "eval step 200" in proc.stdout
+    summary = json.loads((tmp_path / "runs/m/summary.json").read_text())
+    assert summary["args"]["preset"] == "locomotion" and summary["args"]["batch_size"] == 64
+    (evaluation,) = summary["evaluations"]
+    assert evaluation["step"] == 200 and summary["final_score"] == pytest.approx(100 * (evaluation["return"] + 20) / 3020)
+    assert summary["updates_per_second"] > 0 and summary["peak_rss_mb"] > 0 and summary["wall_seconds"] > 0
+    assert list((tmp_path / "runs/m").glob("events.out.tfevents.*"))
+
+
+def load_params(path):
+    checkpoint = torch.load(path, weights_only=False)
+    return checkpoint, {f"{k}.{n}": v for k in ("actor", "critic", "critic_target") for n, v in checkpoint[k].items()}
+
+
+def test_d4rl_file_end_to_end_and_resume_equality(tmp_path):
+    write_d4rl_file(tmp_path / "hopper-medium-test.hdf5", [(30, False), (20, True), (30, False)])
+    common = ["--dataset-path", "hopper-medium-test.hdf5", "--env-id", "Hopper-v5", "--eval-episodes", 1, "--log-interval", 50,
+              "--eval-interval", 60, "--save-model", "--twin-q", "True"]
+    run_script(SCRIPT, *common, "--total-steps", 120, "--run-name", "straight", cwd=tmp_path)
+    run_script(SCRIPT, *common, "--total-steps", 60, "--run-name", "half", cwd=tmp_path)
+    proc = run_script(SCRIPT, *common, "--total-steps", 120, "--resume", "runs/half/checkpoint.pt", cwd=tmp_path)
+    assert "resumed from runs/half/checkpoint.pt at step 60" in proc.stdout
+    straight, p_straight = load_params(tmp_path / "runs/straight/checkpoint.pt")
+    resumed, p_resumed = load_params(tmp_path / "runs/half/checkpoint.pt")
+    assert straight["step"] == resumed["step"] == 120
+    assert p_straight.keys() == p_resumed.keys() and all(torch.equal(p_straight[k], p_resumed[k]) for k in p_straight)
+    assert straight["evaluations"] == resumed["evaluations"] and len(resumed["evaluations"]) == 2
+    summary = json.loads((tmp_path / "runs/half/summary.json").read_text())
+    assert summary["final_score"] == pytest.approx(100 * (summary["final_return"] + 20.272305) / (3234.3 + 20.272305))
+
+    # A loss that overflows stops training, names the step and leaves the last checkpoint as it was.
+    before = (tmp_path / "runs/half/checkpoint.pt").read_bytes()
+    write_d4rl_file(tmp_path / "hopper-medium-test.hdf5", [(30, False), (20, True), (30, False)], reward_value=1e30)
+    proc = run_script(SCRIPT, *common, "--total-steps", 200, "--resume", "runs/half/checkpoint.pt", cwd=tmp_path, check=False)
+    assert_user_error(proc, "non-finite loss", "at step 121", "runs/half/checkpoint.pt is unchanged")
+    assert (tmp_path / "runs/half/checkpoint.pt").read_bytes() == before
+
+
+def test_bad_inputs(tmp_path):
+    env = {"MINARI_DATASETS_PATH": str(tmp_path / "empty")}
+    assert_user_error(run_script(SCRIPT, "--dataset-id", "D4RL/door/expert-v2", cwd=tmp_path, env=env, check=False),
+                      "D4RL/door/expert-v2", "minari download D4RL/door/expert-v2", "--dataset-path")
+    assert_user_error(run_script(SCRIPT, "--dataset-path", "nope.hdf5", "--env-id", "Hopper-v5", cwd=tmp_path, check=False), "no such file")
+    with h5py.File(tmp_path / "broken.hdf5", "w") as f:
+        f["observations"] = np.zeros((5, 11), np.float32)
+        f["actions"] = np.zeros((5, 3), np.float32)
+    assert_user_error(run_script(SCRIPT, "--dataset-path", "broken.hdf5", "--env-id", "Hopper-v5", cwd=tmp_path, check=False),
+                      "missing keys", "rewards", "terminals", "timeouts")
+    write_d4rl_file(tmp_path / "hopper.hdf5", [(10, False)])
+    assert_user_error(run_script(SCRIPT, "--dataset-path", "hopper.hdf5", "--env-id", "Walker2d-v5", cwd=tmp_path, check=False),
+                      "observation size 11 vs 17", "action size 3 vs 6")
+    assert_user_error(run_script(SCRIPT, "--dataset-path", "hopper.hdf5", cwd=tmp_path, check=False), "--env-id")
+    assert_user_error(run_script(SCRIPT, "--dataset-path", "hopper.hdf5", "--env-id", "Hopper-v5", "--alpha", 0, cwd=tmp_path, check=False),
+                      "must be > 0")
