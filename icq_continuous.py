@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import gymnasium as gym
+import gymnasium_robotics
 import numpy as np
 import torch
 import torch.nn as nn
@@ -334,6 +335,7 @@ def normalized_score(args, minari_dataset, mean_return, success_rate):
 
 if __name__ == "__main__":
     args = resolve_args(tyro.cli(Args))
+    gym.register_envs(gymnasium_robotics)  # AntMaze and Adroit ids for --env-id
     checkpoint = None
     if args.resume is not None:
         if not os.path.isfile(args.resume):

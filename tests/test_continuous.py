@@ -1,4 +1,5 @@
 """icq_continuous.py: the ICQ math (spec section 5), the data pipeline, and end-to-end runs on tiny local data."""
+import dataclasses
 import json
 
 import gymnasium as gym
@@ -196,6 +197,32 @@ def test_minari_end_to_end(tmp_path, monkeypatch):
     assert evaluation["step"] == 200 and summary["final_score"] == pytest.approx(100 * (evaluation["return"] + 20) / 3020)
     assert summary["updates_per_second"] > 0 and summary["peak_rss_mb"] > 0 and summary["wall_seconds"] > 0
     assert list((tmp_path / "runs/m").glob("events.out.tfevents.*"))
+
+
+def test_minari_antmaze_dict_observations_and_success_score(tmp_path, monkeypatch):
+    """AntMaze: dict observations flatten to 29 + 2 dims, the preset applies, and the score is the success rate x100."""
+    from minari.data_collector.episode_buffer import EpisodeBuffer
+
+    import minari
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    spec = gym.spec("AntMaze_UMaze-v4")  # registered by gymnasium_robotics, which icq_continuous imports
+    eval_env = dataclasses.replace(spec, max_episode_steps=30, kwargs={**spec.kwargs, "continuing_task": True})
+    rng = np.random.default_rng(0)
+    buffers = []
+    for ep in range(3):
+        obs = {"achieved_goal": rng.normal(size=(21, 2)), "desired_goal": rng.normal(size=(21, 2)), "observation": rng.normal(size=(21, 27))}
+        buffers.append(EpisodeBuffer(id=ep, seed=ep, observations=obs, actions=rng.uniform(-1, 1, (20, 8)).astype(np.float32),
+                                     rewards=[0.0] * 20, terminations=[False] * 20, truncations=[False] * 19 + [True], infos={}))
+    minari.create_dataset_from_buffers("test/antmaze/tiny-v1", buffers, env=eval_env, eval_env=eval_env, ref_min_score=0.0, ref_max_score=1.0,
+                                       algorithm_name="random", author="test", author_email="test@example.com",
+                                       code_permalink="https://example.com", description="tiny test data")
+    run_script(SCRIPT, "--dataset-id", "test/antmaze/tiny-v1", "--total-steps", 20, "--eval-interval", 20, "--batch-size", 16,
+               "--eval-episodes", 2, "--run-name", "ant", cwd=tmp_path)
+    summary = json.loads((tmp_path / "runs/ant/summary.json").read_text())
+    assert summary["args"]["preset"] == "antmaze" and summary["args"]["twin_q"] and summary["args"]["timeout_as_terminal"]
+    (evaluation,) = summary["evaluations"]
+    assert summary["final_score"] == 100 * evaluation["success_rate"] and summary["final_score"] in (0.0, 50.0, 100.0)
 
 
 def load_params(path):
