@@ -1,0 +1,744 @@
+# ICQ (Yang et al., NeurIPS 2021, arXiv 2106.03400), Algorithm 2 (ICQ-MA), SMAC / SMAX -- docs: README.md#icq_ma_smacpy
+"""Offline multi-agent Implicit Constraint Q-learning on StarCraft micromanagement.
+
+The critic evaluates pi* = mu * exp(Q_tot / alpha) / Z with TD(lambda) over rho * Q'_tot at dataset actions only
+(eq. 19-20); each agent extracts its policy by weighted behaviour cloning with weight exp(A_i / alpha) / Z times its
+mixer weight k_i(s) (the factorised KL(pi* || pi_theta), Sec. 4.3). Z is the softmax over the episodes of a batch.
+Backends: real SMAC/SMACv2 (StarCraft II) or JaxMARL's SMAX (pure JAX, no StarCraft II); SMAX datasets are generated
+by scripted behaviour policies at the end of this file's helpers.
+"""
+import copy
+import importlib
+import json
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, the run is tracked with Weights and Biases"""
+    wandb_project_name: str = "icq"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of the wandb project"""
+    run_name: Optional[str] = None
+    """name of runs/{run_name}/ (default: {map}__{exp_name}__{seed}__{time}; with --resume, the checkpoint's run)"""
+    save_model: bool = False
+    """write runs/{run_name}/checkpoint.pt at every evaluation and at the end"""
+    resume: Optional[str] = None
+    """path of a checkpoint.pt to continue training from"""
+
+    # Algorithm specific arguments
+    map: str = "3s_vs_5z"
+    """SMAC map / SMACv2 scenario (smacv2: e.g. protoss_5_vs_5) / SMAX scenario"""
+    env_backend: Literal["auto", "smac", "smacv2", "smax"] = "auto"
+    """auto: smac when the smac package imports and StarCraft II is found, else smax (JaxMARL, no StarCraft II)"""
+    dataset: Optional[str] = None
+    """an HDF5 file in the PyMARL episode layout (default with smax: datasets/smax_{map}_{quality}.h5, made if missing)"""
+    quality: Literal["good", "medium", "poor", "mixed"] = "medium"
+    """behaviour quality of the generated SMAX dataset (mixed = equal thirds of the other three)"""
+    dataset_episodes: int = 1000
+    """episodes in a generated SMAX dataset"""
+    total_steps: int = 40_000
+    """training iterations (each: the critic updates on one batch of episodes, then one actor update)"""
+    batch_size: int = 32
+    """episodes per iteration; the ICQ softmaxes normalise over them"""
+    alpha: float = 0.1
+    """actor temperature: weight = icq_weights(A_i / alpha) over the batch's episodes"""
+    critic_alpha: float = 1000.0
+    """critic temperature of rho = icq_weights(Q'_tot / critic_alpha)"""
+    td_lambda: float = 0.75
+    """lambda of the TD(lambda) critic target"""
+    gamma: float = 0.99
+    """the discount factor"""
+    critic_updates: Literal["sequential", "batched"] = "sequential"
+    """sequential: one critic optimiser step per timestep, as the authors; batched: one masked step over all timesteps"""
+    target_update_interval: int = 600
+    """critic optimiser steps between hard copies of the target critic and mixer"""
+    mixer_bias: bool = False
+    """add the state bias b(s) to Q_tot (the paper's mixer; the authors' code has none)"""
+    mixer_weight_in_exponent: bool = False
+    """actor weight icq_weights(k_i * A_i) instead of the authors' k_i * icq_weights(A_i)"""
+    actor_lr: float = 5e-4
+    """actor learning rate (RMSprop)"""
+    critic_lr: float = 1e-4
+    """critic and mixer learning rate (RMSprop)"""
+    grad_clip: float = 20.0
+    """gradient-norm clip of each update"""
+    eval_sample: bool = False
+    """sample evaluation actions from the policy instead of the greedy available action"""
+    eval_interval: int = 200
+    """training iterations between evaluations"""
+    eval_episodes: int = 32
+    """episodes per evaluation"""
+    log_interval: int = 20
+    """training iterations between progress lines and TensorBoard scalars"""
+    threads: int = 1
+    """torch CPU threads: the many small per-timestep updates run fastest on one (more threads thrash on a busy CPU)"""
+
+
+# SMAC's episode limits (smac_maps.py), used as SMAX max_steps so episodes are as long as in SMAC.
+SMAX_EPISODE_LIMITS = {
+    "3m": 60, "8m": 120, "25m": 150, "5m_vs_6m": 70, "10m_vs_11m": 150, "27m_vs_30m": 180, "2s3z": 120, "3s5z": 150,
+    "3s5z_vs_3s6z": 170, "3s_vs_5z": 250, "6h_vs_8z": 150, "smacv2_5_units": 200, "smacv2_10_units": 200, "smacv2_20_units": 200,
+}
+QUALITY_EPSILON = {"good": 0.0, "medium": 0.1, "poor": 0.3}  # per-agent chance of a uniform available action
+SMAC_INSTALL = ("install it with `pip install git+https://github.com/oxwhirl/{pkg}.git` and StarCraft II (set SC2PATH, "
+                "default ~/StarCraftII, with the SMAC maps in $SC2PATH/Maps), or use --env-backend smax")
+DATA_KEYS = ("obs", "state", "actions", "avail_actions", "reward", "terminated", "filled")
+
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")
+
+
+def validate_args(args):
+    if args.alpha <= 0 or args.critic_alpha <= 0:
+        fail(f"--alpha and --critic-alpha are temperatures and must be > 0 (got {args.alpha}, {args.critic_alpha})")
+    if not 0 <= args.td_lambda <= 1:
+        fail(f"--td-lambda must be in [0, 1] (got {args.td_lambda})")
+    if min(args.total_steps, args.batch_size, args.eval_interval, args.eval_episodes, args.log_interval,
+           args.dataset_episodes, args.target_update_interval, args.threads) < 1:
+        fail("--total-steps, --batch-size, --eval-interval, --eval-episodes, --log-interval, --dataset-episodes and "
+             "--target-update-interval and --threads must be >= 1")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Environments, behind one batched interface: info (n_agents, n_actions, obs_shape, state_shape, episode_limit),
+# max_batch, reset(n, seed) -> obs [n,N,O], state [n,S], avail [n,N,A], and
+# step(actions [n,N]) -> obs, state, avail, reward [n], terminated [n], won [n] (numpy arrays).
+class SmacAdapter:
+    """A smac/smacv2 StarCraft2Env (one StarCraft II process, so one episode at a time)."""
+
+    max_batch = 1
+
+    def __init__(self, env):
+        self.env = env
+        self.info = {k: env.get_env_info()[k] for k in ("n_agents", "n_actions", "obs_shape", "state_shape", "episode_limit")}
+
+    def _observe(self):
+        env = self.env
+        return (np.asarray(env.get_obs(), np.float32)[None], np.asarray(env.get_state(), np.float32)[None],
+                np.asarray(env.get_avail_actions(), bool)[None])
+
+    def reset(self, n, seed):
+        self.env.reset()
+        return self._observe()
+
+    def step(self, actions):
+        reward, terminated, info = self.env.step([int(a) for a in actions[0]])
+        won = bool(info.get("battle_won", False))  # a protocol error returns an empty info
+        return (*self._observe(), np.array([reward], np.float32), np.array([terminated]), np.array([won]))
+
+
+def smax_state_scale(env):
+    """World state -> hypernetwork input: keep the per-unit features, positions / map size, cooldowns / the largest
+    cooldown; drop the raw team and type ids appended at the end (the type is already one-hot per unit)."""
+    per_unit = [1.0, 1.0 / env.map_width, 1.0 / env.map_height, 1.0 / float(env.unit_type_weapon_cooldowns.max())]
+    per_unit += [1.0] * len(env.unit_type_names)
+    return np.tile(np.array(per_unit, np.float32), env.num_allies + env.num_enemies)
+
+
+class SmaxAdapter:
+    """JaxMARL SMAX vs its built-in heuristic enemy; many episodes at once in one compiled, vmapped env."""
+
+    max_batch = 1024
+
+    def __init__(self, map_name):
+        import jax
+        import jaxmarl
+        from jaxmarl.environments.smax import map_name_to_scenario
+
+        self.jax, limit = jax, SMAX_EPISODE_LIMITS[map_name]
+        # SMAX checks its step limit before counting the step (T+1 steps); evaluate() and the generator end at T.
+        self.env = env = jaxmarl.make("HeuristicEnemySMAX", scenario=map_name_to_scenario(map_name), max_steps=limit)
+        self.scale = jax.numpy.asarray(smax_state_scale(env))
+        self.info = {"n_agents": env.num_allies, "n_actions": int(env.action_space(env.agents[0]).n),
+                     "obs_shape": int(env.observation_space(env.agents[0]).shape[0]), "state_shape": len(self.scale),
+                     "episode_limit": limit}
+        self._reset_batch = jax.jit(jax.vmap(self.reset_one))
+        self._step_batch = jax.jit(jax.vmap(self.step_one))
+
+    def observe(self, state):
+        jnp, env = self.jax.numpy, self.env
+        obs = jnp.stack([o for a, o in env.get_obs(state).items() if a != "world_state"])
+        world = env.get_world_state(state)[: len(self.scale)] * self.scale
+        avail = jnp.stack(list(env.get_avail_actions(state).values())).astype(bool)
+        return obs, world, avail
+
+    def reset_one(self, key):
+        _, state = self.env.reset(key)
+        # reset leaves weak-typed leaves that step makes strong: cast now so the step compiles once, not twice.
+        state = self.jax.tree.map(lambda x: x.astype(x.dtype), state)
+        return state, self.observe(state)
+
+    def step_one(self, key, state, actions):
+        env = self.env
+        _, state, rewards, dones, _ = env.step_env(key, state, {a: actions[i] for i, a in enumerate(env.agents)})
+        alive = state.state.unit_alive
+        won = ~alive[env.num_allies:].any() & alive[: env.num_allies].any()  # SMAX's infos are empty
+        return state, self.observe(state), rewards[env.agents[0]], dones["__all__"], won
+
+    def reset(self, n, seed):
+        self.key, key = self.jax.random.split(self.jax.random.PRNGKey(seed))
+        self.state, out = self._reset_batch(self.jax.random.split(key, n))
+        return tuple(np.array(x) for x in out)  # writable copies for torch
+
+    def step(self, actions):
+        self.key, key = self.jax.random.split(self.key)
+        keys = self.jax.random.split(key, actions.shape[0])
+        self.state, out, reward, done, won = self._step_batch(keys, self.state, self.jax.numpy.asarray(actions))
+        return (*(np.array(x) for x in out), np.asarray(reward), np.asarray(done), np.asarray(won))
+
+
+def smac_env(backend, map_name, seed):
+    """StarCraft2Env of the smac/smacv2 package, or one clear message saying what is missing."""
+    pkg = "smac" if backend == "smac" else "smacv2"
+    try:
+        module = importlib.import_module(f"{pkg}.env")
+        maps = importlib.import_module(f"{pkg}.env.starcraft2.maps")
+    except ImportError:  # note: `pip install smac` from PyPI is SMAC3, an unrelated optimiser without smac.env
+        fail(f"--env-backend {backend}: the {pkg} package (StarCraft Multi-Agent Challenge) is not installed; " + SMAC_INSTALL.format(pkg=pkg))
+    sc2path = os.environ.get("SC2PATH", os.path.expanduser("~/StarCraftII"))
+    if not os.path.isdir(sc2path):
+        fail(f"--env-backend {backend}: StarCraft II not found at {sc2path}; " + SMAC_INSTALL.format(pkg=pkg))
+    if backend == "smac":
+        known = sorted(maps.get_smac_map_registry())
+        if map_name not in known:
+            fail(f"unknown SMAC map '{map_name}'; known maps: {', '.join(known)}")
+        return module.StarCraft2Env(map_name=map_name, seed=seed)
+    # SMACv2 scenarios "<race>_<allies>_vs_<enemies>", with the capability config of smacv2's example yaml files.
+    units = {"protoss": ["stalker", "zealot", "colossus"], "terran": ["marine", "marauder", "medivac"], "zerg": ["zergling", "hydralisk", "baneling"]}
+    race, _, n, _, m = (map_name.split("_") + [""] * 5)[:5]
+    if race not in units or not (n.isdigit() and m.isdigit()):
+        fail(f"unknown SMACv2 scenario '{map_name}'; known: <race>_<allies>_vs_<enemies> with race in {sorted(units)}, e.g. protoss_5_vs_5")
+    config = {
+        "n_units": int(n), "n_enemies": int(m),
+        "team_gen": {"dist_type": "weighted_teams", "unit_types": units[race], "weights": [0.45, 0.45, 0.1],
+                     "exception_unit_types": [units[race][2]], "observe": True},
+        "start_positions": {"dist_type": "surrounded_and_reflect", "p": 0.5, "n_enemies": int(m), "map_x": 32, "map_y": 32},
+    }
+    return module.StarCraftCapabilityEnvWrapper(capability_config=config, map_name=f"10gen_{race}", seed=seed, conic_fov=False,
+                                                obs_own_pos=True, use_unit_ranges=True, min_attack_range=2)
+
+
+def make_adapter(backend, map_name, seed):
+    if backend == "auto":
+        try:
+            importlib.import_module("smac.env")
+            found = os.path.isdir(os.environ.get("SC2PATH", os.path.expanduser("~/StarCraftII")))
+        except ImportError:
+            found = False
+        backend = "smac" if found else "smax"
+        print(f"env backend: {backend} (auto: {'smac and StarCraft II found' if found else 'smac or StarCraft II not found'})")
+    if backend == "smax":
+        if map_name not in SMAX_EPISODE_LIMITS:
+            fail(f"unknown SMAX map '{map_name}'; known maps: {', '.join(SMAX_EPISODE_LIMITS)}")
+        return backend, SmaxAdapter(map_name)
+    return backend, SmacAdapter(smac_env(backend, map_name, seed))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data (PyMARL episode batches): row t holds obs/state/avail before action t, and action/reward/terminated of step t;
+# the row after the last step holds the final obs. Transition t is valid when filled, before any terminal, and (so that
+# no Q of an action outside the data is ever used) either terminal or followed by a valid transition.
+def transition_mask(filled, terminated):
+    """filled, terminated: [E, T] -> bool [E, T-1]."""
+    filled, terminated = filled.bool(), terminated.bool()
+    ended_before = torch.cumsum(terminated.long(), 1) - terminated.long() > 0
+    mask = filled[:, :-1] & ~ended_before[:, :-1]
+    has_next = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1)
+    return mask & (terminated[:, :-1] | has_next)
+
+
+def load_dataset(path, info, map_name, backend, device):
+    import h5py
+
+    if not os.path.isfile(path):
+        fail(f"--dataset {path}: no such file")
+    with h5py.File(path, "r") as f:
+        missing = [k for k in DATA_KEYS if k not in f]
+        if missing:
+            fail(f"{path} is not a PyMARL episode file: missing keys {missing} (has {sorted(f.keys())}); needs {list(DATA_KEYS)}")
+        data_map = f.attrs.get("map_name")
+        data_map = data_map.decode() if isinstance(data_map, bytes) else data_map
+        shape = {"n_agents": f["obs"].shape[2], "n_actions": f["avail_actions"].shape[3], "obs_shape": f["obs"].shape[3],
+                 "state_shape": f["state"].shape[2]}
+        diffs = [f"{k} {shape[k]} (dataset) vs {info[k]} (env)" for k in shape if shape[k] != info[k]]
+        if data_map is not None and data_map != map_name:
+            diffs.insert(0, f"map {data_map} (dataset) vs {map_name} (env)")
+        if diffs:
+            fail(f"{path} does not match the {backend} env of map {map_name}: {'; '.join(diffs)}. Use data recorded on the "
+                 "same map, backend and version (SMAX states are normalised: see README)")
+        rows = int(f["filled"][:].reshape(len(f["filled"]), -1).sum(1).max())  # drop all-padding columns
+        raw = {k: f[k][:, :rows] for k in DATA_KEYS}
+    data = {
+        "obs": torch.as_tensor(raw["obs"]), "state": torch.as_tensor(raw["state"]),  # float16 files stay float16 in memory
+        "actions": torch.as_tensor(raw["actions"].reshape(raw["actions"].shape[:3]).astype(np.int64)),
+        "avail": torch.as_tensor(raw["avail_actions"] != 0),
+    }
+    flat = {k: torch.as_tensor(raw[k].reshape(raw[k].shape[:2]).astype(np.float32)) for k in ("reward", "terminated", "filled")}
+    data["reward"], data["terminated"] = flat["reward"][:, :-1], flat["terminated"][:, :-1]
+    data["mask"] = transition_mask(flat["filled"], flat["terminated"])
+    if not data["mask"].any():
+        fail(f"{path} holds no valid transition (filled/terminated are all padding)")
+    last = torch.where(data["mask"], torch.arange(rows - 1), -1).max(1).values
+    data["rows"] = last + 2  # rows an episode needs: its transitions and the row after the last one
+    return {k: v.to(device) for k, v in data.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Networks (the authors' ICQ-MA: rnn_agent.py, offpg.py critic, linear qmix.py mixer)
+class Actor(nn.Module):
+    """Shared GRU agent on (obs, last action one-hot, agent id one-hot); one fused nn.GRU call over the sequence."""
+
+    def __init__(self, obs_dim, n_actions, n_agents, hidden=64):
+        super().__init__()
+        self.n_agents = n_agents
+        self.fc1 = nn.Linear(obs_dim + n_actions + n_agents, hidden)
+        self.gru = nn.GRU(hidden, hidden, batch_first=True)
+        self.fc2 = nn.Linear(hidden, n_actions)
+
+    def forward(self, obs, last_actions, h=None):
+        """obs [B,T,N,O], last_actions [B,T,N,A] one-hot, h [1,B*N,H] -> logits [B,T,N,A], h."""
+        B, T, N, _ = obs.shape
+        ids = torch.eye(N, device=obs.device).expand(B, T, N, N)
+        x = F.relu(self.fc1(torch.cat([obs, last_actions, ids], -1)))
+        x, h = self.gru(x.transpose(1, 2).reshape(B * N, T, -1), h)
+        return self.fc2(x).reshape(B, N, T, -1).transpose(1, 2), h
+
+
+class Critic(nn.Module):
+    """Per-agent Q_i(s, o_i, id, .) for all actions, shared weights, dueling head without mean subtraction."""
+
+    def __init__(self, state_dim, obs_dim, n_actions, n_agents, hidden=256):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(state_dim + obs_dim + n_agents, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.advantage, self.value = nn.Linear(hidden, n_actions), nn.Linear(hidden, 1)
+
+    def forward(self, state, obs):
+        """state [...,S], obs [...,N,O] -> Q [...,N,A]."""
+        N = obs.shape[-2]
+        ids = torch.eye(N, device=obs.device).expand(*obs.shape[:-1], N)
+        x = self.body(torch.cat([state.unsqueeze(-2).expand(*obs.shape[:-1], -1), obs, ids], -1))
+        return self.advantage(x) + self.value(x)
+
+
+class Mixer(nn.Module):
+    """Linear mixer Q_tot = sum_i k_i(s) Q_i + b(s) (eq. 16), k = |W1(s)| |w_final(s)| normalised over agents."""
+
+    def __init__(self, state_dim, n_agents, embed=32, bias=False):
+        super().__init__()
+        self.n_agents, self.embed = n_agents, embed
+        self.hyper_w_1, self.hyper_w_final = nn.Linear(state_dim, embed * n_agents), nn.Linear(state_dim, embed)
+        self.hyper_b = nn.Sequential(nn.Linear(state_dim, embed), nn.ReLU(), nn.Linear(embed, 1)) if bias else None
+
+    def forward(self, state):
+        """state [...,S] -> k [...,N] (>= 0, sums to 1), b [...]."""
+        w1 = self.hyper_w_1(state).abs().view(*state.shape[:-1], self.n_agents, self.embed)
+        k = (w1 @ self.hyper_w_final(state).abs().unsqueeze(-1)).squeeze(-1)
+        k = k / k.sum(-1, keepdim=True).clamp_min(1e-12)
+        b = self.hyper_b(state).squeeze(-1) if self.hyper_b is not None else torch.zeros_like(k[..., 0])
+        return k, b
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ICQ losses
+@torch.no_grad()
+def icq_weights(x, temperature, mask=None, dim=0):
+    """n * softmax(x / temperature) along `dim` over the valid entries: the practical Z of the paper (Sec. 4.1).
+
+    x: any shape; mask: bool like x (None: all valid). Invalid entries get weight 0 and never enter the softmax; n is the
+    number of valid entries along `dim`, so valid weights average 1. softmax subtracts the max: no overflow.
+    """
+    logits = x / temperature
+    if mask is None:
+        return x.shape[dim] * torch.softmax(logits, dim=dim)
+    weights = mask.sum(dim, keepdim=True) * torch.softmax(logits.masked_fill(~mask, -torch.inf), dim=dim)
+    return torch.where(mask, weights, torch.zeros_like(weights))  # a slice with no valid entry gives 0, not NaN
+
+
+def td_lambda_targets(rewards, terminated, mask, target_qs, gamma, td_lambda):
+    """TD(lambda) returns G_t = r_t + gamma (1 - d_t) [(1 - lambda) y_{t+1} + lambda G_{t+1}] (eq. 20).
+
+    rewards, terminated, mask: [B, T-1] for transitions t; target_qs: [B, T], y_t, the bootstrap value of row t.
+    Returns [B, T-1], 0 where mask is 0. After the last valid transition the return bootstraps on y alone.
+    """
+    returns = torch.zeros_like(rewards)
+    next_return, next_valid = target_qs[:, -1], torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        bootstrap = target_qs[:, t + 1] + td_lambda * next_valid * (next_return - target_qs[:, t + 1])
+        returns[:, t] = mask[:, t] * (rewards[:, t] + gamma * (1 - terminated[:, t]) * bootstrap)
+        next_return, next_valid = returns[:, t], mask[:, t].to(rewards.dtype)
+    return returns
+
+
+@torch.no_grad()
+def critic_targets(target_q, actions, k, bias, rewards, terminated, mask, gamma, td_lambda, critic_alpha):
+    """The ICQ-MA critic target: TD(lambda) over y = rho * Q'_tot, rho = exp(Q'_tot/alpha)/Z (eq. 19).
+
+    target_q [B,T,N,A] from the target critic; actions [B,T,N] dataset actions; k [B,T,N], bias [B,T] from the target
+    mixer; rewards, terminated, mask [B,T-1]. Returns [B,T-1]. Q' is only read at dataset actions, and rho normalises per
+    timestep over the episodes that bootstrap from that row.
+    """
+    q_tot = (k * target_q.gather(-1, actions.unsqueeze(-1)).squeeze(-1)).sum(-1) + bias
+    bootstrapped = torch.cat([torch.zeros_like(mask[:, :1]), mask & (terminated == 0)], 1).bool()
+    rho = icq_weights(q_tot, critic_alpha, bootstrapped, dim=0)
+    return td_lambda_targets(rewards, terminated, mask.to(rewards.dtype), rho * q_tot, gamma, td_lambda)
+
+
+def masked_log_softmax(logits, avail):
+    """log pi over the available actions (rows with none available, i.e. padding, use all actions: they are masked)."""
+    avail = avail | ~avail.any(-1, keepdim=True)
+    return torch.log_softmax(logits.masked_fill(~avail, -torch.inf), -1), avail
+
+
+def actor_loss(logits, avail, actions, q_values, k, mask, alpha, weight_in_exponent=False):
+    """Weighted behaviour cloning of each agent (Sec. 4.3): -mean(k_i * icq_weights(A_i / alpha) * log pi_i(a_i)).
+
+    logits, q_values [B,T,N,A] (q detached); avail bool [B,T,N,A]; actions [B,T,N]; k [B,T,N] mixer weights;
+    mask [B,T] valid transitions. A_i = Q_i(a_i) - sum_a pi_i(a) Q_i(a), the counterfactual baseline; the batch softmax
+    runs over episodes for each (t, i). weight_in_exponent uses icq_weights(k_i A_i / alpha) instead.
+    """
+    log_pi, avail = masked_log_softmax(logits, avail)
+    q_values, k = q_values.detach(), k.detach()
+    baseline = (log_pi.detach().exp() * q_values.masked_fill(~avail, 0.0)).sum(-1)
+    advantage = q_values.gather(-1, actions.unsqueeze(-1)).squeeze(-1) - baseline
+    agent_mask = mask.bool().unsqueeze(-1).expand_as(advantage)
+    if weight_in_exponent:
+        weight = icq_weights(k * advantage, alpha, agent_mask, dim=0)
+    else:
+        weight = k * icq_weights(advantage, alpha, agent_mask, dim=0)
+    log_pi_taken = log_pi.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    return -(weight * log_pi_taken).masked_fill(~agent_mask, 0.0).sum() / agent_mask.sum().clamp_min(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation: greedy over available actions (the authors sample plus epsilon-random); ends episodes at the SMAC limit.
+@torch.no_grad()
+def evaluate(actor, adapter, episodes, seed, device, sample=False):
+    """Returns (win rate, mean return). Uses its own generator, so training RNG streams are untouched."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    n_actions, limit = adapter.info["n_actions"], adapter.info["episode_limit"]
+    wins, returns = [], []
+    while len(wins) < episodes:
+        n = min(adapter.max_batch, episodes - len(wins))
+        obs, _, avail = adapter.reset(n, seed + len(wins))
+        last, h = torch.zeros(n, adapter.info["n_agents"], n_actions, device=device), None
+        ret, won, active = np.zeros(n), np.zeros(n, bool), np.ones(n, bool)
+        for t in range(limit):
+            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
+            logits, h = actor(obs_t[:, None], last[:, None], h)
+            log_pi, _ = masked_log_softmax(logits[:, 0], torch.as_tensor(avail, device=device))
+            if sample:
+                act = torch.multinomial(log_pi.exp().flatten(0, 1), 1, generator=generator).view(n, -1)
+            else:
+                act = log_pi.argmax(-1)
+            obs, _, avail, reward, terminated, battle_won = adapter.step(act.cpu().numpy())
+            ret += reward * active
+            won |= battle_won & active
+            active &= ~(terminated | (t + 1 >= limit))
+            last = F.one_hot(act, n_actions).float()
+            if not active.any():
+                break
+        wins += won.tolist()
+        returns += ret.tolist()
+    return float(np.mean(wins)), float(np.mean(returns))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SMAX datasets: a scripted behaviour policy with privileged state. Where allied ranged units face melee enemies they
+# kite (attack when the weapon is ready, otherwise step away from nearby enemies); all units focus fire on the weakest
+# enemy in range. Lower qualities replace each agent's action by a uniform available one with probability epsilon.
+def scripted_actions(env, state, avail, key, epsilon, kite_distance=5.0):
+    import jax
+    import jax.numpy as jnp
+
+    s, na = state.state, env.num_allies
+    pos, alive = s.unit_positions, s.unit_alive
+    diff = pos[:na, None] - pos[None, na:]  # ally -> enemy offsets [na, ne, 2]
+    dist = jnp.where(alive[None, na:], jnp.linalg.norm(diff, axis=-1), jnp.inf)
+    health = s.unit_health[na:] / env.unit_type_health[s.unit_types[na:]]
+    attackable = avail[:, 5:]
+    target = jnp.argmin(jnp.where(attackable, health[None] + 1e-3 * dist, jnp.inf), -1)
+    ranges = env.unit_type_attack_ranges[s.unit_types]
+    kite = ranges[:na] > jnp.max(jnp.where(jnp.arange(len(ranges)) >= na, ranges, 0.0))
+    nearest = jnp.min(dist, -1)
+    dirs = jnp.array([[0.0, 1.0], [1.0, 0.0], [0.0, -1.0], [-1.0, 0.0]])  # actions 0-3: N, E, S, W
+    away = jnp.sum(jnp.where(jnp.isfinite(dist)[..., None], diff / jnp.maximum(dist, 0.5)[..., None] ** 3, 0.0), 1)
+    away = away / (jnp.linalg.norm(away, axis=-1, keepdims=True) + 1e-6)
+    size = jnp.array([env.map_width, env.map_height])
+    wall = (pos[:na] < 4.0).astype(jnp.float32) - (pos[:na] > size - 4.0).astype(jnp.float32)
+    flee = jnp.argmax((away + wall) @ dirs.T, -1)
+    closest = pos[na:][jnp.argmin(dist, -1)]
+    approach = jnp.argmax((closest - pos[:na]) @ dirs.T, -1)
+    ready = s.unit_weapon_cooldowns[:na] <= 0.5
+    action = jnp.where(attackable.any(-1) & (ready | ~kite), 5 + target,
+                       jnp.where(kite & (nearest < kite_distance), flee, jnp.where(nearest < ranges[:na] - 0.3, 4, approach)))
+    action = jnp.where(avail[jnp.arange(na), action], action, 4)
+    k1, k2 = jax.random.split(key)
+    random_action = jax.random.categorical(k1, jnp.where(avail, 0.0, -jnp.inf))
+    return jnp.where(jax.random.uniform(k2, (na,)) < epsilon, random_action, action)
+
+
+def generate_smax_dataset(path, map_name, quality, episodes, seed, chunk=250):
+    """Record `episodes` scripted episodes in the PyMARL layout (float16 obs/state, trimmed to the longest episode)."""
+    import h5py
+    import jax
+    import jax.numpy as jnp
+    import jaxmarl
+
+    adapter = SmaxAdapter(map_name)
+    env, limit = adapter.env, adapter.info["episode_limit"]
+
+    def episode(key, epsilon):
+        key, reset_key = jax.random.split(key)
+        state, observed = adapter.reset_one(reset_key)
+
+        def body(carry, t):
+            key, state, observed, ended = carry
+            key, act_key, step_key = jax.random.split(key, 3)
+            actions = scripted_actions(env, state, observed[2], act_key, epsilon)
+            state, next_observed, reward, done, won = adapter.step_one(step_key, state, actions)
+            terminated = done | (t + 1 >= limit)
+            row = (*observed, actions, reward, terminated, won, ~ended)
+            return (key, state, next_observed, ended | terminated), row
+
+        (_, _, final, _), rows = jax.lax.scan(body, (key, state, observed, jnp.array(False)), jnp.arange(limit))
+        return final, rows
+
+    rollout = jax.jit(jax.vmap(episode))
+    if quality == "mixed":
+        epsilons = np.array([QUALITY_EPSILON[q] for q in ("good", "medium", "poor")]).repeat(-(-episodes // 3))[:episodes]
+    else:
+        epsilons = np.full(episodes, QUALITY_EPSILON[quality])
+    parts, key = [], jax.random.PRNGKey(seed)
+    for start in range(0, episodes, chunk):
+        key, chunk_key = jax.random.split(key)
+        eps = jnp.asarray(epsilons[start : start + chunk], jnp.float32)
+        final, (obs, state, avail, actions, reward, terminated, won, active) = rollout(jax.random.split(chunk_key, len(eps)), eps)
+        obs, state, avail = (jnp.concatenate([x, f[:, None]], 1) for x, f in zip((obs, state, avail), final))
+        length = active.sum(1)  # steps taken; rows 0..length hold observations (filled), 0..length-1 transitions
+        row = jnp.arange(limit + 1)[None]
+        filled, acted = row <= length[:, None], row[:, :-1] < length[:, None]
+        parts.append({
+            "obs": np.asarray(obs * filled[..., None, None], np.float16), "state": np.asarray(state * filled[..., None], np.float16),
+            "avail_actions": np.asarray(avail & filled[..., None, None], np.uint8),
+            "actions": np.asarray(jnp.pad(actions * acted[..., None], ((0, 0), (0, 1), (0, 0))), np.int64)[..., None],
+            "reward": np.asarray(jnp.pad(reward * acted, ((0, 0), (0, 1))), np.float32)[..., None],
+            "terminated": np.asarray(jnp.pad(terminated & acted, ((0, 0), (0, 1))), np.uint8)[..., None],
+            "filled": np.asarray(filled, np.uint8)[..., None],
+            "won": np.asarray((won & active).any(1)), "length": np.asarray(length),
+        })
+    data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    rows = int(data["length"].max()) + 1
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with h5py.File(path + ".tmp", "w") as f:
+        for k in DATA_KEYS:
+            f.create_dataset(k, data=data[k][:, :rows], compression="lzf", chunks=True)
+        f.attrs.update(map_name=map_name, backend="smax", episode_limit=limit, quality=quality, seed=seed,
+                       behaviour_win_rate=float(data["won"].mean()), behaviour_mean_return=float(data["reward"].sum((1, 2)).mean()),
+                       jaxmarl_version=getattr(jaxmarl, "__version__", "unknown"), episodes=episodes,
+                       state_normalisation="per unit: positions / map size, cooldown / max cooldown; team and type ids dropped")
+    os.replace(path + ".tmp", path)
+    return float(data["won"].mean()), float(data["reward"].sum((1, 2)).mean())
+
+
+if __name__ == "__main__":
+    args = validate_args(tyro.cli(Args))
+    checkpoint = None
+    if args.resume is not None:
+        if not os.path.isfile(args.resume):
+            fail(f"--resume {args.resume}: no such checkpoint")
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+        saved = checkpoint["args"]
+        if (saved["map"], saved["dataset"], saved["quality"]) != (args.map, args.dataset, args.quality):
+            fail(f"--resume {args.resume} was trained on map {saved['map']} with dataset {saved['dataset'] or saved['quality']}; pass the same --map/--dataset/--quality")
+        args.run_name = args.run_name or os.path.basename(os.path.dirname(os.path.abspath(args.resume)))
+    if args.dataset is not None and not os.path.isfile(args.dataset):
+        fail(f"--dataset {args.dataset}: no such file")
+    run_name = args.run_name or f"{args.map}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = f"runs/{run_name}"
+    ckpt_path = f"{run_dir}/checkpoint.pt"
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # Environment and data
+    backend, adapter = make_adapter(args.env_backend, args.map, args.seed)
+    dataset_path = args.dataset
+    if dataset_path is None:
+        if backend != "smax":
+            fail(f"--env-backend {backend} needs --dataset PATH.h5 (PyMARL episode layout, recorded on this StarCraft II version)")
+        dataset_path = f"datasets/smax_{args.map}_{args.quality}.h5"
+        if not os.path.isfile(dataset_path):
+            gen_start = time.time()
+            win_rate, mean_return = generate_smax_dataset(dataset_path, args.map, args.quality, args.dataset_episodes, seed=0)
+            print(f"generated {dataset_path}: {args.dataset_episodes} episodes in {time.time() - gen_start:.1f}s, "
+                  f"behaviour win rate {win_rate:.3f}, mean return {mean_return:.3f}")
+    data = load_dataset(dataset_path, adapter.info, args.map, backend, device)
+    num_episodes, (n_agents, n_actions) = data["obs"].shape[0], (adapter.info["n_agents"], adapter.info["n_actions"])
+    obs_dim, state_dim = adapter.info["obs_shape"], adapter.info["state_shape"]
+    print(f"{num_episodes} episodes, {int(data['mask'].sum())} transitions from {dataset_path}; backend {backend}, map {args.map}")
+
+    actor = Actor(obs_dim, n_actions, n_agents).to(device)
+    critic = Critic(state_dim, obs_dim, n_actions, n_agents).to(device)
+    mixer = Mixer(state_dim, n_agents, bias=args.mixer_bias).to(device)
+    critic_target_net, mixer_target = copy.deepcopy(critic).requires_grad_(False), copy.deepcopy(mixer).requires_grad_(False)
+    critic_params = list(critic.parameters()) + list(mixer.parameters())
+    actor_optimizer = torch.optim.RMSprop(actor.parameters(), lr=args.actor_lr, alpha=0.99, eps=1e-5)
+    critic_optimizer = torch.optim.RMSprop(critic_params, lr=args.critic_lr, alpha=0.99, eps=1e-5)
+    modules = {"actor": actor, "critic": critic, "mixer": mixer, "critic_target": critic_target_net, "mixer_target": mixer_target,
+               "actor_optimizer": actor_optimizer, "critic_optimizer": critic_optimizer}
+
+    start_step, evaluations, critic_steps, last_target_update = 0, [], 0, 0
+    if checkpoint is not None:
+        for key, module in modules.items():
+            module.load_state_dict(checkpoint[key])
+        random.setstate(checkpoint["rng"]["python"])
+        np.random.set_state(checkpoint["rng"]["numpy"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        start_step, evaluations = checkpoint["step"], checkpoint["evaluations"]
+        critic_steps, last_target_update = checkpoint["critic_steps"], checkpoint["last_target_update"]
+        print(f"resumed from {args.resume} at iteration {start_step}")
+
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    def save_checkpoint(step):
+        state = {key: module.state_dict() for key, module in modules.items()}
+        state["rng"] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+        state.update(step=step, args=vars(args), evaluations=evaluations, critic_steps=critic_steps, last_target_update=last_target_update)
+        torch.save(state, ckpt_path + ".tmp")
+        os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash mid-save leaves the previous checkpoint intact
+
+    def check_finite(nonfinite_step):
+        if int(nonfinite_step) >= 0:
+            kept = f"the last checkpoint {ckpt_path} is unchanged; continue with --resume {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written (use --save-model)"
+            fail(f"non-finite loss (NaN or inf) at iteration {int(nonfinite_step)}; training stopped, {kept}")
+
+    def clipped_step(optimizer, loss, params):
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, args.grad_clip)
+        optimizer.step()
+
+    def q_tot(state, obs, actions):
+        k, b = mixer(state)
+        return (k * critic(state, obs).gather(-1, actions.unsqueeze(-1)).squeeze(-1)).sum(-1) + b
+
+    nonfinite_step = torch.full((), -1, device=device)  # first iteration with a NaN/inf loss, read only at log intervals
+    start_time, eval_seconds = time.time(), 0.0
+    for step in range(start_step + 1, args.total_steps + 1):
+        # A batch of distinct episodes, cut to the longest one (one host sync: the cut length decides the loop length).
+        idx = torch.randperm(num_episodes, device=device)[: args.batch_size]
+        rows = int(data["rows"][idx].max())
+        obs, state = data["obs"][idx, :rows].float(), data["state"][idx, :rows].float()
+        actions, avail = data["actions"][idx, :rows], data["avail"][idx, :rows]
+        reward, terminated, mask = (data[k][idx, : rows - 1] for k in ("reward", "terminated", "mask"))
+        maskf = mask.float()
+
+        # Critic: regress Q_tot(s_t, a_t) on the TD(lambda) target of eq. 20, built once from the target networks.
+        with torch.no_grad():
+            k_target, b_target = mixer_target(state)
+            targets = critic_targets(critic_target_net(state, obs), actions, k_target, b_target, reward, terminated, mask,
+                                     args.gamma, args.td_lambda, args.critic_alpha)
+        if args.critic_updates == "sequential":  # the authors' COMA-style loop: one optimiser step per timestep
+            for t in range(rows - 1):
+                error = (q_tot(state[:, t], obs[:, t], actions[:, t]) - targets[:, t]) ** 2
+                critic_loss = (error * maskf[:, t]).sum() / maskf[:, t].sum().clamp_min(1)
+                clipped_step(critic_optimizer, critic_loss, critic_params)
+            critic_steps += rows - 1
+        else:
+            error = (q_tot(state[:, :-1], obs[:, :-1], actions[:, :-1]) - targets) ** 2
+            critic_loss = (error * maskf).sum() / maskf.sum()
+            clipped_step(critic_optimizer, critic_loss, critic_params)
+            critic_steps += 1
+        if critic_steps - last_target_update >= args.target_update_interval:
+            critic_target_net.load_state_dict(critic.state_dict())
+            mixer_target.load_state_dict(mixer.state_dict())
+            last_target_update = critic_steps
+
+        # Actor: weighted behaviour cloning with the just-updated critic; the last action of step t-1 is an input at t.
+        with torch.no_grad():
+            q_values = critic(state[:, :-1], obs[:, :-1])
+            k, _ = mixer(state[:, :-1])
+        last_actions = F.one_hot(torch.cat([torch.zeros_like(actions[:, :1]), actions[:, :-2]], 1), n_actions).float()
+        logits, _ = actor(obs[:, :-1], last_actions)
+        policy_loss = actor_loss(logits, avail[:, :-1], actions[:, :-1], q_values, k, mask, args.alpha, args.mixer_weight_in_exponent)
+        clipped_step(actor_optimizer, policy_loss, list(actor.parameters()))
+        nonfinite_step = torch.where((nonfinite_step < 0) & ~torch.isfinite(critic_loss + policy_loss), step, nonfinite_step)
+
+        if step % args.log_interval == 0:
+            check_finite(nonfinite_step)
+            its = (step - start_step) / (time.time() - start_time - eval_seconds)
+            q_mean = (q_values.gather(-1, actions[:, :-1].unsqueeze(-1)).squeeze(-1) * maskf.unsqueeze(-1)).sum() / (maskf.sum() * n_agents)
+            writer.add_scalar("losses/critic_loss", critic_loss.item(), step)
+            writer.add_scalar("losses/actor_loss", policy_loss.item(), step)
+            writer.add_scalar("losses/q_values", q_mean.item(), step)
+            writer.add_scalar("charts/SPS", its, step)
+            print(f"step {step}/{args.total_steps} | critic {critic_loss.item():.4f} | actor {policy_loss.item():.4f} | q {q_mean.item():.3f} | {its:.2f} it/s")
+
+        if step % args.eval_interval == 0 or step == args.total_steps:
+            check_finite(nonfinite_step)
+            eval_start = time.time()
+            win_rate, mean_return = evaluate(actor, adapter, args.eval_episodes, args.seed + 10_000, device, args.eval_sample)
+            eval_seconds += time.time() - eval_start
+            evaluations.append({"step": step, "win_rate": win_rate, "return": mean_return})
+            writer.add_scalar("eval/win_rate", win_rate, step)
+            writer.add_scalar("eval/return", mean_return, step)
+            print(f"eval step {step}: win rate {win_rate:.3f}, return {mean_return:.3f} ({args.eval_episodes} episodes, {time.time() - eval_start:.1f}s)")
+            if args.save_model:
+                save_checkpoint(step)
+
+    wall_seconds = time.time() - start_time
+    summary = {
+        "args": vars(args),
+        "run_name": run_name,
+        "backend": backend,
+        "dataset": dataset_path,
+        "final_win_rate": evaluations[-1]["win_rate"] if evaluations else None,
+        "best_win_rate": max(e["win_rate"] for e in evaluations) if evaluations else None,
+        "final_return": evaluations[-1]["return"] if evaluations else None,
+        "iterations_per_second": (args.total_steps - start_step) / max(wall_seconds - eval_seconds, 1e-9),
+        "wall_seconds": wall_seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "evaluations": evaluations,
+    }
+    with open(f"{run_dir}/summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"done: final win rate {summary['final_win_rate']}, best {summary['best_win_rate']}, summary in {run_dir}/summary.json")
+    writer.close()
