@@ -1,0 +1,461 @@
+# ICQ (Yang et al., NeurIPS 2021, arXiv 2106.03400), discrete actions -- docs: README.md#icq_discretepy
+"""Implicit Constraint Q-learning for discrete actions: the single-agent case of ICQ-MA without the mixer.
+
+The critic evaluates pi* = mu * exp(Q / alpha) / Z with importance weights on dataset actions only (eq. 10), and the
+actor is extracted by weighted behaviour cloning. Z is either the batch softmax of the authors' code
+(`--normalizer batch`) or the exact per-state sum_b mu(b|s) exp(Q(s,b)/alpha) with mu a learned behaviour model
+(`--normalizer behavior`). Data: a Minari id or a built-in LunarLander-v3 dataset generated under datasets/.
+"""
+import copy
+import json
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, the run is tracked with Weights and Biases"""
+    wandb_project_name: str = "icq"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of the wandb project"""
+    run_name: Optional[str] = None
+    """name of runs/{run_name}/ (default: {dataset}__{exp_name}__{seed}__{time}; with --resume, the checkpoint's run)"""
+    save_model: bool = False
+    """write runs/{run_name}/checkpoint.pt at every evaluation and at the end"""
+    resume: Optional[str] = None
+    """path of a checkpoint.pt to continue training from"""
+
+    # Algorithm specific arguments
+    dataset_id: Optional[str] = None
+    """a Minari dataset id with a Discrete action space (already downloaded); unset: the built-in --env-id/--quality data"""
+    env_id: str = "LunarLander-v3"
+    """the built-in dataset's env (generated into datasets/ when missing); only LunarLander-v3"""
+    quality: Literal["expert", "medium", "mixed"] = "mixed"
+    """built-in dataset: heuristic lander with epsilon-random actions, epsilon 0.05 / 0.25 / uniform in [0, 1] per episode"""
+    dataset_size: int = 100_000
+    """transitions in a built-in dataset (whole episodes, so slightly more)"""
+    normalizer: Literal["batch", "behavior"] = "batch"
+    """Z of pi* = mu exp(Q/T) / Z: softmax over the minibatch (authors), or exact per state from a learned mu"""
+    total_steps: int = 100_000
+    """number of gradient steps (one behaviour, one critic and one actor update each)"""
+    batch_size: int = 256
+    """minibatch size; the batch softmax normalises over it"""
+    alpha: float = 10.0
+    """actor temperature on the advantage (very large, e.g. 1e6: plain behaviour cloning)"""
+    critic_alpha: float = 100.0
+    """critic temperature of the importance weight rho on Q'(s', a')"""
+    gamma: float = 0.99
+    """the discount factor"""
+    tau: float = 0.005
+    """polyak rate of the target critic"""
+    actor_lr: float = 3e-4
+    """actor and behaviour-model learning rate (Adam)"""
+    critic_lr: float = 3e-4
+    """critic learning rate (Adam)"""
+    eval_interval: int = 10_000
+    """gradient steps between evaluations"""
+    eval_episodes: int = 10
+    """episodes per evaluation (greedy actions)"""
+    log_interval: int = 1000
+    """gradient steps between progress lines and TensorBoard scalars"""
+
+
+# Built-in data: gymnasium's heuristic lander whose every action is replaced by a uniform random one with probability
+# epsilon; "mixed" draws epsilon per episode, so it holds near-expert and near-random episodes side by side.
+EPSILON = {"expert": lambda rng: 0.05, "medium": lambda rng: 0.25, "mixed": lambda rng: rng.uniform()}
+# eval/normalized_score = 100 (return - random) / (heuristic - random). Measured once on LunarLander-v3 (gymnasium 1.4.0,
+# box2d 2.3.10): mean return over 1000 episodes, env.reset(seed=i) for i = 0..999, of uniform random actions
+# (np.random.default_rng(0)) and of gymnasium.envs.box2d.lunar_lander.heuristic; standard errors 3.5 and 2.9.
+RANDOM_RETURN, HEURISTIC_RETURN = -181.7, 243.4
+
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")
+
+
+def resolve_args(args):
+    if args.alpha <= 0 or args.critic_alpha <= 0:
+        fail(f"--alpha and --critic-alpha are temperatures and must be > 0 (got {args.alpha}, {args.critic_alpha}); "
+             "use a very large --alpha such as 1e6 for behaviour cloning")
+    if min(args.batch_size, args.total_steps, args.eval_interval, args.log_interval, args.eval_episodes, args.dataset_size) < 1:
+        fail("--batch-size, --total-steps, --eval-interval, --log-interval, --eval-episodes and --dataset-size must be >= 1")
+    if args.dataset_id is None and args.env_id != "LunarLander-v3":
+        fail(f"no built-in dataset for --env-id {args.env_id}: use LunarLander-v3, or a Minari id with --dataset-id")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data: every transition carries the next action a' of the same episode, because the ICQ operator (eq. 10) only ever
+# evaluates Q at dataset actions. A time-limited episode's last step has no a' and is dropped; true terminals are kept
+# with done = 1 (their a' is never used).
+def flatten(space, x):
+    """A batch of observations of `space` -> float32 [n, dim]: images and dicts flattened, Discrete one-hot, Text dropped."""
+    if isinstance(space, gym.spaces.Dict):
+        return np.concatenate([flatten(sub, x[k]) for k, sub in space.spaces.items() if not isinstance(sub, gym.spaces.Text)], -1)
+    if isinstance(space, gym.spaces.Discrete):
+        return np.eye(space.n, dtype=np.float32)[np.asarray(x, dtype=np.int64).reshape(-1) - space.start]
+    x = np.asarray(x, dtype=np.float32)
+    return x.reshape(len(x), -1)
+
+
+def add_batch_dim(obs):
+    return {k: add_batch_dim(v) for k, v in obs.items()} if isinstance(obs, dict) else np.asarray(obs)[None]
+
+
+def episode_transitions(obs, actions, rewards, terminals):
+    """One episode (obs has one more row than actions) -> (s, a, r, s', a', done) arrays."""
+    steps = len(actions)
+    keep = steps if terminals[-1] else steps - 1
+    next_actions = np.concatenate([actions[1:], actions[-1:]])  # the last a' only pads a terminal row
+    done = np.zeros(steps, dtype=np.float32)
+    done[-1] = float(terminals[-1])
+    return obs[:keep], actions[:keep], rewards[:keep], obs[1 : keep + 1], next_actions[:keep], done[:keep]
+
+
+def builtin_episodes(env_id, quality, size):
+    """Roll out the epsilon-heuristic lander for `size` transitions once, cached as datasets/{env}-{quality}-{size}.npz."""
+    from gymnasium.envs.box2d.lunar_lander import heuristic
+
+    path = f"datasets/{env_id}-{quality}-{size}.npz"
+    if not os.path.exists(path):
+        print(f"generating {path}")
+        env, rng = gym.make(env_id), np.random.default_rng(list(EPSILON).index(quality))
+        obs, actions, rewards, terminals, lengths = [], [], [], [], []
+        while len(actions) < size:
+            epsilon = EPSILON[quality](rng)
+            o, _ = env.reset(seed=1_000_000 + len(lengths))  # evaluation uses seeds near 10_000
+            obs.append(o)
+            done = False
+            while not done:
+                a = int(rng.integers(env.action_space.n)) if rng.uniform() < epsilon else heuristic(env, o)
+                o, r, terminated, truncated, _ = env.step(a)
+                obs.append(o), actions.append(a), rewards.append(r), terminals.append(terminated)
+                done = terminated or truncated
+            lengths.append(len(actions) - sum(lengths))
+        os.makedirs("datasets", exist_ok=True)
+        with open(path + ".tmp", "wb") as f:  # atomic, so a concurrent run never reads half a file
+            np.savez(f, obs=np.array(obs, np.float32), actions=np.array(actions), rewards=np.array(rewards, np.float32),
+                     terminals=np.array(terminals), lengths=np.array(lengths))
+        os.replace(path + ".tmp", path)
+    d = np.load(path)
+    ends = np.cumsum(d["lengths"])
+    # Episode i owns rows start..end of actions and start+i..end+i of obs (each episode has one extra observation).
+    return [(d["obs"][start + i : end + i + 1], d["actions"][start:end], d["rewards"][start:end], d["terminals"][start:end])
+            for i, (start, end) in enumerate(zip(ends - d["lengths"], ends))]
+
+
+def minari_episodes(dataset_id):
+    import minari
+
+    try:
+        dataset = minari.load_dataset(dataset_id)
+    except (FileNotFoundError, ValueError) as exc:
+        root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+        fail(f"Minari dataset '{dataset_id}' is not in the local store ({root}): {exc}\n"
+             f"Download it once with `minari download {dataset_id}` (needs network and `pip install minari[hf]`), "
+             "or leave --dataset-id unset to use a built-in dataset (--env-id LunarLander-v3 --quality expert|medium|mixed).")
+    if not isinstance(dataset.action_space, gym.spaces.Discrete):
+        fail(f"{dataset_id} has a continuous ({type(dataset.action_space).__name__}) action space, and icq_discrete.py needs a "
+             "Discrete one: use icq_continuous.py for this dataset")
+    episodes = [(flatten(dataset.observation_space, ep.observations), np.asarray(ep.actions, np.int64).reshape(-1),
+                 np.asarray(ep.rewards, np.float32), np.asarray(ep.terminations, bool)) for ep in dataset.iterate_episodes()]
+    return episodes, dataset
+
+
+def make_dataset_tensors(episodes, device):
+    columns = [np.concatenate(column) for column in zip(*(episode_transitions(*ep) for ep in episodes))]
+    names = ("obs", "actions", "rewards", "next_obs", "next_actions", "dones")
+    dtypes = (torch.float32, torch.long, torch.float32, torch.float32, torch.long, torch.float32)
+    return {n: torch.as_tensor(np.asarray(c), dtype=t, device=device) for n, c, t in zip(names, columns, dtypes)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Networks: 256-256 MLPs. Q(s, .) has one output per action (ICQ-MA's critic head); the policy and the behaviour model
+# mu are categorical distributions given by logits.
+def mlp(sizes):
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers += [nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ICQ losses
+@torch.no_grad()
+def icq_weights(x, temperature, mask=None):
+    """n * softmax(x / temperature) over dim 0 (the minibatch), the practical Z of the paper (Sec. 4.1).
+
+    Entries where the boolean `mask` is False get weight 0 and do not enter the softmax; n is the number of valid
+    entries, so the valid weights average to 1. softmax subtracts the max, so large x or small temperatures stay finite.
+    """
+    logits = x / temperature
+    if mask is None:
+        return x.shape[0] * torch.softmax(logits, dim=0)
+    weights = mask.sum(0, keepdim=True) * torch.softmax(logits.masked_fill(~mask, -torch.inf), dim=0)
+    return torch.where(mask, weights, torch.zeros_like(weights))  # a column with no valid entry gives 0, not NaN
+
+
+@torch.no_grad()
+def behavior_weights(q, action, log_mu, temperature):
+    """The exact importance ratio pi*(a|s) / mu(a|s) = exp(q[a]/T) / sum_b mu(b|s) exp(q[b]/T) (Sec. 3, eq. 8-10).
+
+    q, log_mu: [B, actions], action: [B]. Computed in log space (logsumexp), so it stays finite for any q / T; its
+    expectation over a ~ mu is exactly 1 in every state, which the batch softmax only reaches on average.
+    """
+    q = q / temperature
+    return torch.exp(q.gather(1, action[:, None]).squeeze(1) - torch.logsumexp(log_mu + q, dim=1))
+
+
+def critic_target(reward, done, next_q, gamma, temperature, weights=None):
+    """The ICQ target r + gamma (1 - d) rho Q'(s', a') with rho = exp(Q'/T) / Z (eq. 10), all [B].
+
+    a' is the dataset's next action. rho defaults to the batch softmax, where terminal rows carry no a' and stay out;
+    `weights` passes the exact behaviour_weights instead.
+    """
+    rho = icq_weights(next_q, temperature, mask=done == 0) if weights is None else weights
+    return reward + gamma * (1.0 - done) * rho * next_q
+
+
+def critic_loss(critic, critic_target_net, behavior, batch, gamma, temperature):
+    """Squared error to the ICQ target. With behavior=None (batch Z) Q' is read only at the batch's (s', a'), the
+    implicit constraint of eq. 10; the exact Z also reads Q'(s', b) for every b, weighted by mu(b|s'), by definition."""
+    obs, act, rew, next_obs, next_act, done = batch
+    with torch.no_grad():
+        next_q_all = critic_target_net(next_obs)
+        next_q = next_q_all.gather(1, next_act[:, None]).squeeze(1)
+        weights = None
+        if behavior is not None:
+            weights = behavior_weights(next_q_all, next_act, F.log_softmax(behavior(next_obs), -1), temperature)
+        target = critic_target(rew, done, next_q, gamma, temperature, weights)
+    return F.mse_loss(critic(obs).gather(1, act[:, None]).squeeze(1), target)
+
+
+def actor_loss(log_prob, signal, temperature, weights=None):
+    """Weighted behaviour cloning, the KL(pi* || pi_theta) objective of Sec. 4.2: -mean(exp(signal/T)/Z * log pi).
+    `weights` passes the exact behaviour_weights instead of the batch softmax of the signal."""
+    return -((icq_weights(signal, temperature) if weights is None else weights) * log_prob).mean()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation: greedy actions; the env's own seeding leaves the training RNG streams untouched (exact resume).
+def evaluate(actor, env, space, episodes, seed, device):
+    returns = []
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        ret, done = 0.0, False
+        while not done:
+            with torch.no_grad():
+                action = int(actor(torch.as_tensor(flatten(space, add_batch_dim(obs)), device=device)).argmax())
+            obs, reward, terminated, truncated, _ = env.step(action)
+            ret += float(reward)
+            done = terminated or truncated
+        returns.append(ret)
+    return float(np.mean(returns))
+
+
+def normalized_score(minari_dataset, mean_return):
+    """x100 scores: Minari's reference scores (None if the dataset has none); built-in data: random 0, heuristic 100."""
+    if minari_dataset is None:
+        return 100.0 * (mean_return - RANDOM_RETURN) / (HEURISTIC_RETURN - RANDOM_RETURN)
+    import minari
+
+    try:
+        return 100.0 * float(minari.get_normalized_score(minari_dataset, np.array([mean_return]))[0])
+    except ValueError:
+        return None
+
+
+if __name__ == "__main__":
+    args = resolve_args(tyro.cli(Args))
+    dataset_name = args.dataset_id or f"{args.env_id}-{args.quality}"
+    checkpoint = None
+    if args.resume is not None:
+        if not os.path.isfile(args.resume):
+            fail(f"--resume {args.resume}: no such checkpoint")
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+        keys = ("dataset_id", "env_id", "quality", "dataset_size", "normalizer")
+        if any(checkpoint["args"][k] != getattr(args, k) for k in keys):
+            fail(f"--resume {args.resume} was trained with " + ", ".join(f"--{k.replace('_', '-')} {checkpoint['args'][k]}" for k in keys)
+                 + "; pass the same data and normalizer")
+        args.run_name = args.run_name or os.path.basename(os.path.dirname(os.path.abspath(args.resume)))
+    run_name = args.run_name or f"{dataset_name.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = f"runs/{run_name}"
+    ckpt_path = f"{run_dir}/checkpoint.pt"
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # Data and evaluation env
+    minari_dataset = None
+    if args.dataset_id is not None:
+        episodes, minari_dataset = minari_episodes(args.dataset_id)
+        env = minari_dataset.recover_environment(eval_env=True)
+        space = minari_dataset.observation_space
+    else:
+        episodes = builtin_episodes(args.env_id, args.quality, args.dataset_size)
+        env = gym.make(args.env_id)
+        space = env.observation_space
+    if not isinstance(env.action_space, gym.spaces.Discrete):
+        fail(f"the evaluation env {env.spec.id} has a {type(env.action_space).__name__} action space; icq_discrete.py needs Discrete actions")
+    data = make_dataset_tensors(episodes, device)
+    obs_dim, num_actions = data["obs"].shape[1], int(env.action_space.n)
+    env_obs_dim = flatten(env.observation_space, add_batch_dim(env.observation_space.sample())).shape[1]
+    data_actions = int(data["actions"].max()) + 1
+    if obs_dim != env_obs_dim or data_actions > num_actions:
+        fail(f"the data and the env disagree: observation size {obs_dim} vs {env_obs_dim}, actions used by the data "
+             f"{data_actions} vs the env's {num_actions} (data: {dataset_name}, env: {env.spec.id})")
+    num_transitions = data["rewards"].shape[0]
+    dataset_return = float(np.mean([ep[2].sum() for ep in episodes]))
+    print(f"{num_transitions} transitions from {dataset_name} ({len(episodes)} episodes, mean return {dataset_return:.1f}), "
+          f"normalizer {args.normalizer}, eval env {env.spec.id}")
+
+    actor = mlp([obs_dim, 256, 256, num_actions]).to(device)
+    critic = mlp([obs_dim, 256, 256, num_actions]).to(device)
+    behavior = mlp([obs_dim, 256, 256, num_actions]).to(device)
+    critic_target_net = copy.deepcopy(critic).requires_grad_(False)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.actor_lr)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
+    behavior_optimizer = torch.optim.Adam(behavior.parameters(), lr=args.actor_lr)
+    state_modules = (("actor", actor), ("critic", critic), ("critic_target", critic_target_net), ("behavior", behavior),
+                     ("actor_optimizer", actor_optimizer), ("critic_optimizer", critic_optimizer), ("behavior_optimizer", behavior_optimizer))
+
+    start_step, evaluations = 0, []
+    if checkpoint is not None:
+        for key, module in state_modules:
+            module.load_state_dict(checkpoint[key])
+        random.setstate(checkpoint["rng"]["python"])
+        np.random.set_state(checkpoint["rng"]["numpy"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        start_step, evaluations = checkpoint["step"], checkpoint["evaluations"]
+        print(f"resumed from {args.resume} at step {start_step}")
+
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    def save_checkpoint(step):
+        state = {key: module.state_dict() for key, module in state_modules}
+        state["rng"] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+        state.update(step=step, args=vars(args), evaluations=evaluations)
+        torch.save(state, ckpt_path + ".tmp")
+        os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash mid-save leaves the previous checkpoint intact
+
+    def check_finite(nonfinite_step):
+        if int(nonfinite_step) >= 0:
+            kept = f"the last checkpoint {ckpt_path} is unchanged; continue with --resume {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written"
+            fail(f"non-finite loss (NaN or inf) at step {int(nonfinite_step)}; training stopped, {kept}")
+
+    use_behavior = args.normalizer == "behavior"
+    nonfinite_step = torch.full((), -1, device=device)  # first step with a NaN/inf loss, read only at log intervals
+    start_time, eval_seconds = time.time(), 0.0
+    for step in range(start_step + 1, args.total_steps + 1):
+        idx = torch.randint(num_transitions, (args.batch_size,), device=device)
+        batch = tuple(data[k][idx] for k in ("obs", "actions", "rewards", "next_obs", "next_actions", "dones"))
+        obs, act = batch[0], batch[1]
+
+        if use_behavior:  # mu by maximum likelihood; only the exact normaliser needs it
+            loss_mu = F.cross_entropy(behavior(obs), act)
+            behavior_optimizer.zero_grad()
+            loss_mu.backward()
+            behavior_optimizer.step()
+
+        loss_q = critic_loss(critic, critic_target_net, behavior if use_behavior else None, batch, args.gamma, args.critic_alpha)
+        critic_optimizer.zero_grad()
+        loss_q.backward()
+        critic_optimizer.step()
+
+        # Actor signal: ICQ-MA's counterfactual advantage Q(s,a) - sum_b pi(b|s) Q(s,b) from the just-updated critic.
+        # The exact weight needs no baseline: exp(A(s,a)/alpha) / sum_b mu(b|s) exp(A(s,b)/alpha) equals behavior_weights on Q.
+        log_pi = F.log_softmax(actor(obs), -1)
+        with torch.no_grad():
+            q_all = critic(obs)
+            signal = q_all.gather(1, act[:, None]).squeeze(1) - (log_pi.exp() * q_all).sum(1)
+            weights = behavior_weights(q_all, act, F.log_softmax(behavior(obs), -1), args.alpha) if use_behavior else None
+        loss_pi = actor_loss(log_pi.gather(1, act[:, None]).squeeze(1), signal, args.alpha, weights)
+        actor_optimizer.zero_grad()
+        loss_pi.backward()
+        actor_optimizer.step()
+
+        with torch.no_grad():
+            for p, p_target in zip(critic.parameters(), critic_target_net.parameters()):
+                p_target.lerp_(p, args.tau)
+        nonfinite_step = torch.where((nonfinite_step < 0) & ~torch.isfinite(loss_q + loss_pi), step, nonfinite_step)
+
+        if step % args.log_interval == 0:
+            check_finite(nonfinite_step)
+            sps = int((step - start_step) / (time.time() - start_time - eval_seconds))
+            writer.add_scalar("losses/critic_loss", loss_q.item(), step)
+            writer.add_scalar("losses/actor_loss", loss_pi.item(), step)
+            writer.add_scalar("losses/advantage", signal.mean().item(), step)
+            writer.add_scalar("losses/q_values", q_all.mean().item(), step)
+            if use_behavior:
+                writer.add_scalar("losses/behavior_loss", loss_mu.item(), step)
+            writer.add_scalar("charts/SPS", sps, step)
+            print(f"step {step}/{args.total_steps} | critic {loss_q.item():.4f} | actor {loss_pi.item():.4f} | {sps} steps/s")
+
+        if step % args.eval_interval == 0 or step == args.total_steps:
+            check_finite(nonfinite_step)
+            eval_start = time.time()
+            mean_return = evaluate(actor, env, space, args.eval_episodes, args.seed + 10_000, device)
+            score = normalized_score(minari_dataset, mean_return)
+            eval_seconds += time.time() - eval_start
+            evaluations.append({"step": step, "return": mean_return, "score": score})
+            writer.add_scalar("eval/episodic_return", mean_return, step)
+            if score is not None:
+                writer.add_scalar("eval/normalized_score", score, step)
+            print(f"eval step {step}: return {mean_return:.1f}" + (f", score {score:.1f}" if score is not None else ""))
+            if args.save_model:
+                save_checkpoint(step)
+
+    wall_seconds = time.time() - start_time
+    scores = [e["score"] for e in evaluations if e["score"] is not None]  # None where the data has no reference scores
+    summary = {
+        "args": vars(args),
+        "run_name": run_name,
+        "final_score": evaluations[-1]["score"] if evaluations else None,
+        "best_score": max(scores) if scores else None,
+        "final_return": evaluations[-1]["return"] if evaluations else None,
+        "best_return": max(e["return"] for e in evaluations) if evaluations else None,
+        "dataset_return": dataset_return,
+        "updates_per_second": (args.total_steps - start_step) / max(wall_seconds - eval_seconds, 1e-9),
+        "wall_seconds": wall_seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "evaluations": evaluations,
+    }
+    with open(f"{run_dir}/summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"done: final score {summary['final_score']}, best {summary['best_score']}, summary in {run_dir}/summary.json")
+    env.close()
+    writer.close()

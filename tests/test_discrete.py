@@ -1,0 +1,242 @@
+"""icq_discrete.py: the ICQ weights and operator (spec section 5) and the script end to end on tiny data."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from conftest import assert_user_error, run_script
+
+from icq_discrete import actor_loss, behavior_weights, critic_loss, critic_target, icq_weights
+
+SCRIPT = "icq_discrete.py"
+ENV = {"OMP_NUM_THREADS": "1"}  # tiny networks: one thread is faster than two fighting over shared cores
+TINY = ("--total-steps", 20, "--eval-interval", 10, "--eval-episodes", 1, "--log-interval", 10, "--batch-size", 16)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Weights
+def test_icq_weights_properties():
+    x = torch.tensor([0.3, -1.2, 2.0, 0.7, 5.0])
+    mask = torch.tensor([True, True, True, True, False])
+    w = icq_weights(x, 1.0, mask)
+    assert torch.isclose(w[mask].mean(), torch.tensor(1.0)) and w[4] == 0
+    assert torch.isclose(icq_weights(x, 1.0).mean(), torch.tensor(1.0))
+    assert torch.allclose(icq_weights(x, 1e9, mask)[mask], torch.ones(4))  # uniform as T -> inf
+    assert torch.allclose(icq_weights(x, 1e-3, mask), torch.tensor([0.0, 0.0, 4.0, 0.0, 0.0]))  # one-hot on the valid max
+    big = icq_weights(torch.tensor([1e4, -1e4, 0.0, 9999.0]), 1e-3)
+    assert torch.isfinite(big).all() and torch.allclose(big, torch.tensor([4.0, 0.0, 0.0, 0.0]))
+    assert not icq_weights(x.clone().requires_grad_(), 1.0).requires_grad
+    assert (icq_weights(x, 1.0, torch.zeros(5, dtype=torch.bool)) == 0).all()  # nothing valid: zeros, not NaN
+
+
+def test_behavior_weights_exact_form():
+    q = torch.tensor([[1.0, 3.0, -2.0], [1e4, 0.0, -1e4]])
+    mu = torch.tensor([[0.2, 0.5, 0.3], [0.1, 0.8, 0.1]])
+    w = torch.stack([behavior_weights(q, torch.full((2,), a), mu.log(), 2.0) for a in range(3)], 1)
+    expected = torch.exp(q[0] / 2) / (mu[0] * torch.exp(q[0] / 2)).sum()
+    assert torch.allclose(w[0], expected)
+    assert torch.allclose((mu * w).sum(1), torch.ones(2), atol=1e-3)  # E_mu[w] = 1 per state, even at q / T = 5000 (float32)
+    assert torch.isfinite(behavior_weights(q, torch.tensor([1, 1]), mu.log(), 1e-3)).all()
+    assert not behavior_weights(q.requires_grad_(), torch.tensor([0, 1]), mu.log(), 1.0).requires_grad
+
+
+def test_batch_weights_approach_exact_weights_as_batch_grows():
+    """One state, actions drawn from mu: n * softmax over the batch -> exp(q_a/T) / E_mu[exp(q/T)]."""
+    torch.manual_seed(0)
+    q, mu, temperature = torch.tensor([0.5, 2.0, -1.0, 1.0]), torch.tensor([0.4, 0.1, 0.3, 0.2]), 1.0
+    errors = []
+    for n in (10, 300_000):
+        actions = torch.multinomial(mu, n, replacement=True)
+        exact = behavior_weights(q.expand(n, 4), actions, mu.log().expand(n, 4), temperature)
+        errors.append((icq_weights(q[actions], temperature) - exact).abs().max().item())
+    assert errors[1] < 0.03 and errors[1] < errors[0] / 5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Critic and actor on tabular "networks": states are one-hot rows, so net(obs) reads a table
+class Table(nn.Module):
+    def __init__(self, table):
+        super().__init__()
+        self.table = nn.Parameter(torch.as_tensor(table, dtype=torch.float32))
+
+    def forward(self, obs):
+        return obs @ self.table
+
+
+def tabular_batch(n_states=6, n_actions=3, seed=0):
+    """One row per state s' (all distinct) so that every Q'(s', b) entry belongs to exactly one row."""
+    g = torch.Generator().manual_seed(seed)
+    eye = torch.eye(n_states)
+    obs, next_obs = eye[torch.randperm(n_states, generator=g)], eye
+    act, next_act = torch.randint(n_actions, (n_states,), generator=g), torch.randint(n_actions, (n_states,), generator=g)
+    rew, done = torch.randn(n_states, generator=g), torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    return (obs, act, rew, next_obs, next_act, done), torch.randn(n_states, n_actions, generator=g)
+
+
+@pytest.mark.parametrize("normalizer", ["batch", "behavior"])
+def test_large_temperature_gives_sarsa_target(normalizer):
+    batch, q_table = tabular_batch()
+    obs, act, rew, next_obs, next_act, done = batch
+    critic, target = Table(q_table), Table(q_table * 2 + 1)
+    behavior = Table(torch.randn(6, 3)) if normalizer == "behavior" else None
+    sarsa = rew + 0.9 * (1 - done) * target.table.detach()[torch.arange(6), next_act]
+    expected = ((critic.table.detach()[obs.argmax(1), act] - sarsa) ** 2).mean()
+    assert torch.isclose(critic_loss(critic, target, behavior, batch, 0.9, 1e9), expected)
+    # and a small temperature does change it (the comparison above can fail)
+    assert not torch.isclose(critic_loss(critic, target, behavior, batch, 0.9, 0.1), expected)
+
+
+def test_batch_critic_never_reads_q_at_actions_outside_the_batch():
+    batch, q_table = tabular_batch()
+    next_act = batch[4]
+    outside = torch.ones_like(q_table, dtype=torch.bool)
+    outside[torch.arange(6), next_act] = False
+    perturbed = q_table + outside * 1000 * torch.randn_like(q_table)
+    critic = Table(torch.zeros(6, 3))
+    same = critic_loss(critic, Table(q_table), None, batch, 0.9, 1.0) == critic_loss(critic, Table(perturbed), None, batch, 0.9, 1.0)
+    assert same
+    behavior = Table(torch.zeros(6, 3))  # the exact Z reads them, by definition: the check above can see a difference
+    assert critic_loss(critic, Table(q_table), behavior, batch, 0.9, 1.0) != critic_loss(critic, Table(perturbed), behavior, batch, 0.9, 1.0)
+
+
+def test_critic_target_masks_terminals_and_actor_loss_weights():
+    reward, done, next_q = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 1.0, 0.0]), torch.tensor([10.0, 1e6, 10.0])
+    # the terminal's junk Q' (1e6) takes no share of the batch softmax: the other two keep weight 1 each
+    assert torch.allclose(critic_target(reward, done, next_q, 0.5, 1.0), torch.tensor([6.0, 2.0, 8.0]))
+    log_prob, signal = torch.tensor([-1.0, -2.0]), torch.tensor([0.0, 1e3])
+    assert torch.isclose(actor_loss(log_prob, signal, 1.0), torch.tensor(2.0))  # all weight (2) on the better action
+    assert torch.isclose(actor_loss(log_prob, signal, 1e9), torch.tensor(1.5))  # behaviour cloning
+    assert torch.isclose(actor_loss(log_prob, signal, 1.0, weights=torch.tensor([1.0, 0.0])), torch.tensor(0.5))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The exact ICQ operator on a tabular MDP (spec section 5)
+def icq_operator_fixed_point(P, R, mu, alpha, gamma, iters=2000):
+    """Iterate T Q = R + gamma P E_{a'~mu}[rho(s',a') Q(s',a')] with rho = behavior_weights (per-state Z)."""
+    n_states, n_actions = R.shape
+    q = torch.zeros_like(R)
+    for _ in range(iters):
+        rho = torch.stack([behavior_weights(q, torch.full((n_states,), a), mu.log(), alpha) for a in range(n_actions)], 1)
+        v = torch.where(mu > 0, mu * rho * q, 0.0).sum(1)  # unsupported actions: mu = 0, their rho is never used
+        q, previous = R + gamma * P @ v, q
+    return q, (q - previous).abs().max().item()
+
+
+def test_exact_icq_operator_converges_between_sarsa_and_in_support_max():
+    g = torch.Generator().manual_seed(1)
+    n_states, n_actions, gamma = 5, 3, 0.9
+    P = torch.rand(n_states, n_actions, n_states, generator=g, dtype=torch.float64)
+    P /= P.sum(-1, keepdim=True)
+    R = torch.rand(n_states, n_actions, generator=g, dtype=torch.float64)
+    R[:, 2] += 5.0  # the best action by far, which the behaviour policy never takes
+    mu = torch.tensor([[0.7, 0.3, 0.0]] * n_states, dtype=torch.float64)
+    # Q^mu solves Q = R + gamma P mu Q; the in-support optimum is value iteration with max over mu's support.
+    P_mu = torch.einsum("sat,tb->satb", P, mu).reshape(n_states * n_actions, -1)
+    q_mu = torch.linalg.solve(torch.eye(n_states * n_actions, dtype=torch.float64) - gamma * P_mu, R.reshape(-1)).reshape(R.shape)
+    q_star = torch.zeros_like(R)
+    for _ in range(2000):
+        q_star = R + gamma * P @ q_star[:, :2].max(1).values
+    q_large, delta_large = icq_operator_fixed_point(P, R, mu, 1e4, gamma)
+    q_small, delta_small = icq_operator_fixed_point(P, R, mu, 1e-3, gamma)
+    assert delta_large < 1e-8 and delta_small < 1e-8
+    assert torch.allclose(q_large, q_mu, atol=1e-3)
+    assert torch.allclose(q_small, q_star, atol=1e-3)
+    assert not torch.allclose(q_mu, q_star, atol=0.1)  # the two limits differ, so the checks mean something
+    q_mid, _ = icq_operator_fixed_point(P, R, mu, 0.3, gamma)
+    assert (q_mu - 1e-9 <= q_mid).all() and (q_mid <= q_star + 1e-9).all()  # in between for a finite alpha
+    assert (q_star < R[:, 2:].max() / (1 - gamma)).all()  # the unsupported action's reward never leaked in
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The script end to end
+def read_summary(tmp_path, run_name):
+    return json.loads((tmp_path / "runs" / run_name / "summary.json").read_text())
+
+
+def test_builtin_dataset_end_to_end(tmp_path):
+    proc = run_script(SCRIPT, "--quality", "medium", "--dataset-size", 300, "--run-name", "tiny", *TINY, cwd=tmp_path, env=ENV)
+    assert "eval step 20" in proc.stdout
+    assert (tmp_path / "datasets" / "LunarLander-v3-medium-300.npz").exists()
+    summary = read_summary(tmp_path, "tiny")
+    for key in ("final_score", "best_score", "final_return", "updates_per_second", "wall_seconds", "peak_rss_mb"):
+        assert np.isfinite(summary[key]), key
+    assert [e["step"] for e in summary["evaluations"]] == [10, 20]
+    assert np.isclose(summary["final_score"], 100 * (summary["final_return"] + 181.7) / (243.4 + 181.7))
+    assert summary["best_score"] == max(e["score"] for e in summary["evaluations"])
+
+
+def make_minari_dataset(root, dataset_id, env_id, episodes=4, eval_env=None, ref_scores=(0.0, 500.0)):
+    """A small random-policy Minari dataset built from EpisodeBuffers (DataCollector would need jax)."""
+    import gymnasium as gym
+    import minari
+    from minari.data_collector.episode_buffer import EpisodeBuffer
+
+    env, buffers = gym.make(env_id), []
+    env.action_space.seed(0)
+    for i in range(episodes):
+        obs, _ = env.reset(seed=i)
+        observations, actions, rewards, terms, truncs = [obs], [], [], [], []
+        done = False
+        while not done:
+            a = env.action_space.sample()
+            obs, r, terminated, truncated, _ = env.step(a)
+            observations.append(obs), actions.append(a), rewards.append(r), terms.append(terminated), truncs.append(truncated)
+            done = terminated or truncated or len(actions) == 50
+        truncs[-1] = truncs[-1] or not terms[-1]
+        buffers.append(EpisodeBuffer(id=i, seed=i, observations=np.array(observations), actions=np.array(actions),
+                                     rewards=rewards, terminations=terms, truncations=truncs, infos={}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINARI_DATASETS_PATH", str(root))
+        minari.create_dataset_from_buffers(dataset_id, buffers, env=env_id, eval_env=eval_env or env_id, algorithm_name="random",
+                                           author="test", author_email="test@example.com", code_permalink="none", description="test",
+                                           ref_min_score=ref_scores[0], ref_max_score=ref_scores[1])
+
+
+def test_minari_discrete_dataset_end_to_end(tmp_path):
+    root = tmp_path / "minari"
+    make_minari_dataset(root, "test/cartpole/random-v0", "CartPole-v1")
+    run_script(SCRIPT, "--dataset-id", "test/cartpole/random-v0", "--run-name", "cart", "--normalizer", "behavior", *TINY,
+               cwd=tmp_path, env={**ENV, "MINARI_DATASETS_PATH": str(root)})
+    summary = read_summary(tmp_path, "cart")
+    assert summary["final_return"] >= 1 and np.isclose(summary["final_score"], 100 * summary["final_return"] / 500)
+
+
+def test_resume_equals_straight_run(tmp_path):
+    common = ("--quality", "mixed", "--dataset-size", 200, "--normalizer", "behavior", "--save-model", *TINY[4:], "--eval-interval", 15)
+    run_script(SCRIPT, *common, "--total-steps", 30, "--run-name", "straight", cwd=tmp_path, env=ENV)
+    run_script(SCRIPT, *common, "--total-steps", 15, "--run-name", "split", cwd=tmp_path, env=ENV)
+    proc = run_script(SCRIPT, *common, "--total-steps", 30, "--resume", "runs/split/checkpoint.pt", cwd=tmp_path, env=ENV)
+    assert "resumed from runs/split/checkpoint.pt at step 15" in proc.stdout
+    a, b = (torch.load(tmp_path / "runs" / r / "checkpoint.pt", weights_only=False) for r in ("straight", "split"))
+    assert a["step"] == b["step"] == 30
+    for key in ("actor", "critic", "critic_target", "behavior"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name}"
+    assert read_summary(tmp_path, "split")["evaluations"] == read_summary(tmp_path, "straight")["evaluations"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad inputs: one clear message, no traceback
+@pytest.mark.parametrize("args, fragments", [
+    (("--alpha", 0), ("--alpha", "> 0")),
+    (("--critic-alpha", -1), ("--critic-alpha", "> 0")),
+    (("--quality", "superb"), ("superb", "expert")),
+    (("--env-id", "CartPole-v1"), ("no built-in dataset", "LunarLander-v3")),
+    (("--dataset-id", "nope/nothing-v0"), ("minari download nope/nothing-v0", "built-in")),
+    (("--gamma", 1e30, "--dataset-size", 100, *TINY), ("non-finite loss",)),
+])
+def test_bad_inputs(tmp_path, args, fragments):
+    env = {**ENV, "MINARI_DATASETS_PATH": str(tmp_path / "minari")}
+    assert_user_error(run_script(SCRIPT, *args, cwd=tmp_path, env=env, check=False), *fragments)
+
+
+def test_bad_minari_datasets(tmp_path):
+    root = tmp_path / "minari"
+    make_minari_dataset(root, "test/pendulum/random-v0", "Pendulum-v1", episodes=1)
+    make_minari_dataset(root, "test/cartpole/acrobot-v0", "CartPole-v1", episodes=1, eval_env="Acrobot-v1")
+    env = {**ENV, "MINARI_DATASETS_PATH": str(root)}
+    proc = run_script(SCRIPT, "--dataset-id", "test/pendulum/random-v0", *TINY, cwd=tmp_path, env=env, check=False)
+    assert_user_error(proc, "Discrete", "icq_continuous.py")
+    proc = run_script(SCRIPT, "--dataset-id", "test/cartpole/acrobot-v0", *TINY, cwd=tmp_path, env=env, check=False)
+    assert_user_error(proc, "disagree", "observation size 4 vs 6")
