@@ -183,7 +183,8 @@ class SmaxAdapter:
     def observe(self, state):
         jnp, env = self.jax.numpy, self.env
         obs = jnp.stack([o for a, o in env.get_obs(state).items() if a != "world_state"])
-        world = env.get_world_state(state)[: len(self.scale)] * self.scale
+        # every kept feature lies in [0, 1] once scaled; the clip catches cooldowns, which keep falling below 0 when idle
+        world = self.jax.numpy.clip(env.get_world_state(state)[: len(self.scale)] * self.scale, 0.0, 1.0)
         avail = jnp.stack(list(env.get_avail_actions(state).values())).astype(bool)
         return obs, world, avail
 
@@ -261,13 +262,14 @@ def make_adapter(backend, map_name, seed):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Data (PyMARL episode batches): row t holds obs/state/avail before action t, and action/reward/terminated of step t;
-# the row after the last step holds the final obs. Transition t is valid when filled, before any terminal, and (so that
-# no Q of an action outside the data is ever used) either terminal or followed by a valid transition.
+# the filled row after the last step holds the final obs (its action is a dummy). Transition t is valid when rows t and
+# t+1 are filled, no terminal came before, and (so that no Q of an action outside the data is ever used) it is terminal
+# or followed by a valid transition: an episode cut without a terminal loses its last step, as it has no next action.
 def transition_mask(filled, terminated):
     """filled, terminated: [E, T] -> bool [E, T-1]."""
     filled, terminated = filled.bool(), terminated.bool()
     ended_before = torch.cumsum(terminated.long(), 1) - terminated.long() > 0
-    mask = filled[:, :-1] & ~ended_before[:, :-1]
+    mask = filled[:, :-1] & filled[:, 1:] & ~ended_before[:, :-1]
     has_next = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1)
     return mask & (terminated[:, :-1] | has_next)
 
@@ -403,7 +405,8 @@ def critic_targets(target_q, actions, k, bias, rewards, terminated, mask, gamma,
     timestep over the episodes that bootstrap from that row.
     """
     q_tot = (k * target_q.gather(-1, actions.unsqueeze(-1)).squeeze(-1)).sum(-1) + bias
-    bootstrapped = torch.cat([torch.zeros_like(mask[:, :1]), mask & (terminated == 0)], 1).bool()
+    mask = mask.bool()
+    bootstrapped = torch.cat([torch.zeros_like(mask[:, :1]), mask & (terminated == 0)], 1)
     rho = icq_weights(q_tot, critic_alpha, bootstrapped, dim=0)
     return td_lambda_targets(rewards, terminated, mask.to(rewards.dtype), rho * q_tot, gamma, td_lambda)
 

@@ -1,0 +1,350 @@
+"""icq_ma_smac.py: the ICQ-MA math (spec section 5), the env adapters, and tiny end-to-end runs (no network)."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_user_error, run_script
+from icq_ma_smac import (
+    Actor,
+    Mixer,
+    SmacAdapter,
+    actor_loss,
+    critic_targets,
+    evaluate,
+    icq_weights,
+    td_lambda_targets,
+    transition_mask,
+)
+
+SCRIPT = "icq_ma_smac.py"
+# SMAX 3s_vs_5z as the script sees it: 3 agents, 10 actions, obs 101, normalised state 80.
+N_AGENTS, N_ACTIONS, OBS, STATE = 3, 10, 101, 80
+
+
+def random_episodes(B=5, T=8, gamma_seed=0, terminated_last=(1, 1, 0, 1, 1), lengths=(7, 3, 5, 1, 6)):
+    """Transition tensors [B, T-1] with episodes of the given lengths; the unterminated one bootstraps at its end."""
+    g = torch.Generator().manual_seed(gamma_seed)
+    rewards, y = torch.randn(B, T - 1, generator=g), torch.randn(B, T, generator=g)
+    mask, terminated = torch.zeros(B, T - 1), torch.zeros(B, T - 1)
+    for b, (length, term) in enumerate(zip(lengths, terminated_last)):
+        mask[b, :length] = 1
+        terminated[b, length - 1] = term
+    return rewards, terminated, mask, y
+
+
+def brute_force_lambda_return(rewards, terminated, mask, y, gamma, lam):
+    """G^lambda_t = (1 - lambda) sum_n lambda^(n-1) G^(n)_t + lambda^(N-1) G^(N)_t, written out term by term."""
+    out = torch.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        length = int(mask[b].sum())
+        for t in range(length):
+            N = length - t
+
+            def n_step(n):
+                ret = sum(gamma**j * rewards[b, t + j] for j in range(n))
+                end_is_terminal = n == N and terminated[b, length - 1] == 1
+                return ret + (0.0 if end_is_terminal else gamma**n * y[b, t + n])
+
+            out[b, t] = (1 - lam) * sum(lam ** (n - 1) * n_step(n) for n in range(1, N)) + lam ** (N - 1) * n_step(N)
+    return out
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.75, 1.0])
+def test_td_lambda_matches_brute_force(lam):
+    rewards, terminated, mask, y = random_episodes()
+    got = td_lambda_targets(rewards, terminated, mask, y, 0.9, lam)
+    torch.testing.assert_close(got, brute_force_lambda_return(rewards, terminated, mask, y, 0.9, lam))
+
+
+def test_td_lambda_extremes_are_one_step_and_monte_carlo():
+    rewards, terminated, mask, y = random_episodes()
+    one_step = td_lambda_targets(rewards, terminated, mask, y, 0.9, 0.0)
+    torch.testing.assert_close(one_step, mask * (rewards + 0.9 * (1 - terminated) * y[:, 1:]))
+    mc = td_lambda_targets(rewards, terminated, mask, y, 0.9, 1.0)
+    b, length = 0, 7  # a terminated episode: the lambda = 1 return is the discounted sum of its rewards
+    for t in range(length):
+        expected = sum(0.9**j * rewards[b, t + j] for j in range(length - t))
+        torch.testing.assert_close(mc[b, t], expected)
+
+
+def test_padding_contributes_nothing():
+    rewards, terminated, mask, y = random_episodes()
+    base = td_lambda_targets(rewards, terminated, mask, y, 0.99, 0.75)
+    assert (base[mask == 0] == 0).all()
+    pad = mask == 0
+    r2, y2 = rewards.clone(), y.clone()
+    r2[pad] = 1e6
+    # rows after a terminal or past the bootstrap row of the unterminated episode are never read
+    y2[0, 7:] = y2[1, 3:] = y2[3, 1:] = y2[4, 6:] = 1e6  # terminated: the row after the terminal is unread
+    y2[2, 6:] = 1e6  # unterminated (length 5): row 5 is its bootstrap, later rows are unread
+    torch.testing.assert_close(td_lambda_targets(r2, terminated, mask, y2, 0.99, 0.75), base)
+
+
+def critic_inputs(seed=0, B=5, T=8, N=2, A=4):
+    rewards, terminated, mask, _ = random_episodes(B, T, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    target_q = torch.randn(B, T, N, A, generator=g) * 3
+    actions = torch.randint(A, (B, T, N), generator=g)
+    k = torch.rand(B, T, N, generator=g)
+    return target_q, actions, k / k.sum(-1, keepdim=True), torch.zeros(B, T), rewards, terminated, mask
+
+
+def test_critic_target_with_infinite_temperature_is_sarsa_lambda():
+    target_q, actions, k, bias, rewards, terminated, mask = critic_inputs()
+    got = critic_targets(target_q, actions, k, bias, rewards, terminated, mask, 0.99, 0.75, critic_alpha=1e12)
+    q_tot = (k * target_q.gather(-1, actions.unsqueeze(-1)).squeeze(-1)).sum(-1)
+    torch.testing.assert_close(got, td_lambda_targets(rewards, terminated, mask, q_tot, 0.99, 0.75))
+    low = critic_targets(target_q, actions, k, bias, rewards, terminated, mask, 0.99, 0.75, critic_alpha=0.1)
+    assert not torch.allclose(low, got)  # a finite temperature does reweight
+
+
+def test_critic_never_reads_q_outside_the_data():
+    target_q, actions, k, bias, rewards, terminated, mask = critic_inputs()
+    base = critic_targets(target_q, actions, k, bias, rewards, terminated, mask, 0.99, 0.75, 1.0)
+    poisoned = torch.full_like(target_q, 1e6)
+    poisoned.scatter_(-1, actions.unsqueeze(-1), target_q.gather(-1, actions.unsqueeze(-1)))
+    torch.testing.assert_close(critic_targets(poisoned, actions, k, bias, rewards, terminated, mask, 0.99, 0.75, 1.0), base)
+    # ... and the dataset action's value at a bootstrapped row does matter
+    changed = target_q.clone()
+    changed[0, 2, 0, actions[0, 2, 0]] += 5.0
+    assert not torch.allclose(critic_targets(changed, actions, k, bias, rewards, terminated, mask, 0.99, 0.75, 1.0), base)
+
+
+def test_transition_mask_pymarl_layout():
+    filled = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    terminated = torch.tensor([[0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+    mask = transition_mask(filled, terminated)
+    # terminal at t=2 (final obs row 3); an episode cut without a terminal loses the transition whose next row holds
+    # only the final obs (a dummy action): episode 3 has obs rows 0-2, real actions at 0-1, so only transition 0 is kept
+    assert mask.int().tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]]
+
+
+def test_icq_weights_properties():
+    x = torch.randn(6, 4) * 5
+    mask = torch.rand(6, 4) > 0.3
+    mask[0] = True
+    w = icq_weights(x, 1.0, mask, dim=0)
+    torch.testing.assert_close(w.sum(0), mask.sum(0).float())  # mean 1 over the valid entries
+    assert (w[~mask] == 0).all() and (w >= 0).all()
+    uniform = icq_weights(x, 1e9, mask, dim=0)
+    torch.testing.assert_close(uniform, mask.float())
+    sharp = icq_weights(x, 1e-4, mask, dim=0)
+    best = x.masked_fill(~mask, -torch.inf).argmax(0)
+    torch.testing.assert_close(sharp, mask.sum(0).float() * torch.nn.functional.one_hot(best, 6).T.float())
+    huge = icq_weights(torch.tensor([1e4, -1e4, 0.0, 1e4 - 1]), 1e-3)
+    assert torch.isfinite(huge).all() and huge.sum() == pytest.approx(4.0)
+    torch.testing.assert_close(icq_weights(x.T, 1.0, mask.T, dim=1), w.T)  # dim works
+    assert (icq_weights(x, 1.0, torch.zeros_like(mask)) == 0).all()  # no valid entry: zeros, not NaN
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_mixer_weights_nonnegative_and_normalised(bias):
+    mixer = Mixer(7, 4, bias=bias)
+    k, b = mixer(torch.randn(3, 5, 7) * 10)
+    assert k.shape == (3, 5, 4) and b.shape == (3, 5)
+    assert (k >= 0).all()
+    torch.testing.assert_close(k.sum(-1), torch.ones(3, 5))
+    assert bool((b != 0).any()) == bias
+
+
+def actor_inputs(seed=0, B=6, T=5, N=2, A=4):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, N, A, generator=g, requires_grad=True)
+    avail = torch.rand(B, T, N, A, generator=g) > 0.4
+    avail[..., 0] = True
+    actions = torch.multinomial(avail.float().view(-1, A), 1, generator=g).view(B, T, N)
+    q = torch.randn(B, T, N, A, generator=g)
+    k = torch.rand(B, T, N, generator=g)
+    mask = torch.ones(B, T)
+    mask[:2, 3:] = 0
+    return logits, avail, actions, q, k / k.sum(-1, keepdim=True), mask
+
+
+def test_actor_loss_masks_padding_and_unavailable_actions():
+    logits, avail, actions, q, k, mask = actor_inputs()
+    loss = actor_loss(logits, avail, actions, q, k, mask, 0.1)
+    loss.backward()
+    assert (logits.grad[~avail] == 0).all()  # unavailable actions are outside the softmax
+    assert (logits.grad[mask == 0] == 0).all()
+    junk_logits, junk_q = logits.detach().clone(), q.clone()
+    junk_logits[~avail], junk_q[~avail] = 1e3, 1e3
+    junk_logits[mask == 0], junk_q[mask == 0] = 7.0, -1e3
+    torch.testing.assert_close(actor_loss(junk_logits, avail, actions, junk_q, k, mask, 0.1), loss.detach())
+
+
+def test_actor_loss_is_weighted_behaviour_cloning():
+    logits, avail, actions, q, k, mask = actor_inputs()
+    log_pi = torch.log_softmax(logits.detach().masked_fill(~avail, -torch.inf), -1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    m = mask.unsqueeze(-1).expand_as(k)
+    bc = -(k * log_pi * m).sum() / m.sum()  # alpha -> inf: every ICQ weight is 1
+    torch.testing.assert_close(actor_loss(logits, avail, actions, q, k, mask, 1e9), bc)
+    inside = actor_loss(logits, avail, actions, q, k, mask, 1e9, weight_in_exponent=True)
+    torch.testing.assert_close(inside, -(log_pi * m).sum() / m.sum())
+    # a small alpha puts the weight on the episodes with the largest advantage
+    assert not torch.allclose(actor_loss(logits, avail, actions, q, k, mask, 0.01), bc)
+
+
+def test_fused_gru_matches_step_by_step():
+    actor = Actor(5, 4, 3)
+    obs, last = torch.randn(2, 6, 3, 5), torch.randn(2, 6, 3, 4)
+    full, _ = actor(obs, last)
+    h, steps = None, []
+    for t in range(6):
+        out, h = actor(obs[:, t : t + 1], last[:, t : t + 1], h)
+        steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, 1), full)
+
+
+class FakeStarCraft2Env:
+    """STAND-IN for smac's StarCraft2Env (no StarCraft II here): same method names and return shapes.
+
+    2 agents, 5 actions, random availability each step (it raises on an unavailable action), reward 1 per step,
+    episodes of 4 steps, won on odd-numbered resets.
+    """
+
+    def __init__(self):
+        self.rng, self.resets = np.random.default_rng(0), 0
+
+    def get_env_info(self):
+        return {"n_agents": 2, "n_actions": 5, "obs_shape": 6, "state_shape": 7, "episode_limit": 10}
+
+    def _new_avail(self):
+        self.avail = self.rng.integers(0, 2, (2, 5))
+        self.avail[:, 1] = 1
+
+    def reset(self):
+        self.t, self.resets = 0, self.resets + 1
+        self._new_avail()
+        return self.get_obs(), self.get_state()
+
+    def get_obs(self):
+        return [self.rng.normal(size=6).astype(np.float32) for _ in range(2)]
+
+    def get_state(self):
+        return self.rng.normal(size=7).astype(np.float32)
+
+    def get_avail_actions(self):
+        return self.avail.tolist()
+
+    def step(self, actions):
+        if not all(self.avail[i][a] for i, a in enumerate(actions)):
+            raise ValueError(f"unavailable action {actions} for {self.avail.tolist()}")
+        self.t += 1
+        self._new_avail()
+        done = self.t >= 4
+        return 1.0, done, ({"battle_won": self.resets % 2 == 1} if done else {})
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_standin_smac_adapter_runs_an_evaluation(sample):
+    env = FakeStarCraft2Env()
+    adapter = SmacAdapter(env)
+    assert adapter.info == env.get_env_info()
+    win_rate, mean_return = evaluate(Actor(6, 5, 2), adapter, 3, seed=0, device=torch.device("cpu"), sample=sample)
+    assert env.resets == 3
+    assert win_rate == pytest.approx(2 / 3) and mean_return == pytest.approx(4.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line (SMAX backend). JAX's compilation cache is shared by the runs of this file to keep it fast.
+@pytest.fixture(scope="module")
+def jax_env(tmp_path_factory):
+    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")), "SC2PATH": "/nonexistent/StarCraftII"}
+
+
+def write_pymarl_h5(path, episodes=6, rows=12, obs=OBS, state=STATE, seed=0, keys=None, nan_reward=False):
+    """A PyMARL episode batch like the authors' <map>.h5: final obs row filled, timeouts stored as terminated."""
+    rng = np.random.default_rng(seed)
+    data = {
+        "obs": rng.random((episodes, rows, N_AGENTS, obs), dtype=np.float32), "state": rng.random((episodes, rows, state), dtype=np.float32),
+        "actions": np.zeros((episodes, rows, N_AGENTS, 1), np.int64), "avail_actions": np.zeros((episodes, rows, N_AGENTS, N_ACTIONS), np.int32),
+        "reward": np.zeros((episodes, rows, 1), np.float32), "terminated": np.zeros((episodes, rows, 1), np.uint8),
+        "filled": np.zeros((episodes, rows, 1), np.int64),
+    }
+    for e in range(episodes):
+        length = int(rng.integers(2, rows))  # steps; rows 0..length are filled
+        data["filled"][e, : length + 1] = 1
+        data["terminated"][e, length - 1] = 1
+        data["avail_actions"][e, : length + 1] = rng.integers(0, 2, (length + 1, N_AGENTS, N_ACTIONS))
+        data["avail_actions"][e, : length + 1, :, 4] = 1
+        probs = data["avail_actions"][e, :length] / data["avail_actions"][e, :length].sum(-1, keepdims=True)
+        data["actions"][e, :length, :, 0] = (probs.cumsum(-1) > rng.random(probs.shape[:-1] + (1,))).argmax(-1)
+        data["reward"][e, :length, 0] = rng.random(length)
+    if nan_reward:
+        data["reward"][:, 0] = np.nan
+    with h5py.File(path, "w") as f:
+        for k, v in data.items():
+            if keys is None or k in keys:
+                f.create_dataset(k, data=v)
+        f.create_dataset("actions_onehot", data=np.eye(N_ACTIONS, dtype=np.float32)[data["actions"][..., 0]])
+
+
+TINY = ("--total-steps", 4, "--batch-size", 4, "--eval-interval", 2, "--eval-episodes", 3, "--log-interval", 1)
+
+
+def test_pymarl_h5_trains_and_resume_is_exact(tmp_path, jax_env):
+    write_pymarl_h5(tmp_path / "3s_vs_5z.h5")
+    common = ("--env-backend", "smax", "--dataset", "3s_vs_5z.h5", "--save-model", *TINY)
+    run_script(SCRIPT, *common, "--run-name", "straight", "--critic-updates", "batched", "--target-update-interval", 2, cwd=tmp_path, env=jax_env)
+    half = list(common)
+    half[half.index("--total-steps") + 1] = 2
+    run_script(SCRIPT, *half, "--run-name", "resumed", "--critic-updates", "batched", "--target-update-interval", 2, cwd=tmp_path, env=jax_env)
+    out = run_script(SCRIPT, *common, "--resume", "runs/resumed/checkpoint.pt", "--critic-updates", "batched",
+                     "--target-update-interval", 2, cwd=tmp_path, env=jax_env)
+    assert "resumed from" in out.stdout
+    a = torch.load(tmp_path / "runs/straight/checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "runs/resumed/checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 4 and a["critic_steps"] == b["critic_steps"] == 4
+    for key in ("actor", "critic", "mixer", "critic_target", "mixer_target"):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), f"{key}.{name} differs after resume"
+    summary = json.loads((tmp_path / "runs/resumed/summary.json").read_text())
+    assert [e["step"] for e in summary["evaluations"]] == [2, 4]  # the history survives the resume
+
+
+def test_tiny_smax_run_end_to_end(tmp_path, jax_env):
+    out = run_script(SCRIPT, "--map", "3s_vs_5z", "--alpha", 0.1, "--dataset-episodes", 6, "--run-name", "tiny", *TINY,
+                     cwd=tmp_path, env=jax_env)
+    assert out.stdout.count("env backend: smax") == 1  # auto says which backend, once
+    with h5py.File(tmp_path / "datasets/smax_3s_vs_5z_medium.h5") as f:
+        assert f["obs"].shape[0] == 6 and f["obs"].shape[2:] == (N_AGENTS, OBS) and f["state"].shape[2] == STATE
+        for attr in ("map_name", "backend", "episode_limit", "quality", "behaviour_win_rate", "behaviour_mean_return", "seed", "jaxmarl_version"):
+            assert attr in f.attrs
+        assert f.attrs["episode_limit"] == 250 and f.attrs["quality"] == "medium"
+        filled = f["filled"][:, :, 0].sum(1)
+        assert f["obs"].shape[1] == filled.max()  # trimmed to the longest episode's rows
+        assert np.abs(f["state"][:]).max() <= 1.0 + 1e-3  # normalised world state
+    summary = json.loads((tmp_path / "runs/tiny/summary.json").read_text())
+    for key in ("final_win_rate", "best_win_rate", "final_return", "iterations_per_second", "wall_seconds", "peak_rss_mb"):
+        assert summary[key] is not None, key
+    assert 0 <= summary["final_win_rate"] <= summary["best_win_rate"] <= 1
+    assert [e["step"] for e in summary["evaluations"]] == [2, 4]
+    assert list((tmp_path / "runs/tiny").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (("--alpha", 0), ("--alpha", "> 0")),
+        (("--env-backend", "smax", "--map", "MMM2"), ("unknown SMAX map 'MMM2'", "3s_vs_5z")),
+        (("--env-backend", "smac"), ("pip install git+https://github.com/oxwhirl/smac.git", "SC2PATH")),
+        (("--dataset", "nope.h5"), ("nope.h5", "no such file")),
+    ],
+)
+def test_bad_inputs_fast(tmp_path, jax_env, extra, fragments):
+    assert_user_error(run_script(SCRIPT, *extra, cwd=tmp_path, env=jax_env, check=False), *fragments)
+
+
+def test_bad_datasets(tmp_path, jax_env):
+    write_pymarl_h5(tmp_path / "keys.h5", keys=("obs", "state", "actions"))
+    assert_user_error(run_script(SCRIPT, "--env-backend", "smax", "--dataset", "keys.h5", cwd=tmp_path, env=jax_env, check=False),
+                      "missing keys", "avail_actions", "filled")
+    write_pymarl_h5(tmp_path / "dims.h5", obs=36)
+    assert_user_error(run_script(SCRIPT, "--env-backend", "smax", "--dataset", "dims.h5", cwd=tmp_path, env=jax_env, check=False),
+                      "obs_shape 36 (dataset) vs 101 (env)")
+    write_pymarl_h5(tmp_path / "nan.h5", nan_reward=True)
+    assert_user_error(run_script(SCRIPT, "--env-backend", "smax", "--dataset", "nan.h5", *TINY, cwd=tmp_path, env=jax_env, check=False),
+                      "non-finite loss", "iteration 1")
