@@ -64,7 +64,7 @@ class Args:
     """minibatch size; the batch softmax normalises over it"""
     alpha: float = 10.0
     """actor temperature on the advantage (very large, e.g. 1e6: plain behaviour cloning)"""
-    critic_alpha: float = 100.0
+    critic_alpha: float = 1000.0
     """critic temperature of the importance weight rho on Q'(s', a')"""
     gamma: float = 0.99
     """the discount factor"""
