@@ -5,6 +5,7 @@
 #   discrete    ICQ and behaviour cloning on the built-in LunarLander-v3 datasets, 3 seeds, both normalisers
 #   smax        ICQ-MA and behaviour cloning on SMAX 3s_vs_5z (no StarCraft II needed)
 #   table       aggregate runs/*/summary.json into a markdown table (mean +- std over seeds)
+#   plot        draw each run group's evaluation curve (mean +- std over seeds) into runs/plots/<group>.png
 # Each result run writes runs/<name>/summary.json; `bash benchmark.sh table` prints what has been run so far.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -73,6 +74,34 @@ for name, runs in groups.items():
     best = [r.get("best_score", r.get("best_win_rate")) for r in runs]
     rate = [r.get("updates_per_second", r.get("iterations_per_second")) for r in runs]
     print(f"| {name} | {len(runs)} | {fmt(final)} | {fmt(best)} | {fmt(rate)} |")
+EOF
+}
+
+plot() {
+  python - <<'EOF'
+import collections, glob, json, os
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+groups = collections.defaultdict(list)
+for path in sorted(glob.glob("runs/*/summary.json")):
+    s = json.load(open(path))
+    groups[s["run_name"].rsplit("__", 1)[0]].append(s["evaluations"])
+os.makedirs("runs/plots", exist_ok=True)
+for name, runs in groups.items():
+    metric = next(k for k in ("win_rate", "score", "return") if runs[0] and runs[0][0].get(k) is not None)
+    steps = [e["step"] for e in runs[0]]
+    values = np.array([[e[metric] for e in run] for run in runs if len(run) == len(steps)], dtype=float)
+    mean, std = values.mean(0), values.std(0)
+    plt.figure(figsize=(5, 3.5))
+    plt.plot(steps, mean)
+    plt.fill_between(steps, mean - std, mean + std, alpha=0.3)
+    plt.xlabel("step"), plt.ylabel(f"eval {metric}"), plt.title(f"{name} ({len(values)} seeds)", fontsize=9)
+    plt.tight_layout()
+    plt.savefig(f"runs/plots/{name}.png", dpi=100)
+    plt.close()
+    print(f"runs/plots/{name}.png")
 EOF
 }
 
