@@ -159,7 +159,8 @@ def builtin_episodes(env_id, quality, size):
             np.savez(f, obs=np.array(obs, np.float32), actions=np.array(actions), rewards=np.array(rewards, np.float32),
                      terminals=np.array(terminals), lengths=np.array(lengths))
         os.replace(path + ".tmp", path)
-    d = np.load(path)
+    with np.load(path) as npz:
+        d = {k: npz[k] for k in npz.files}  # each npz[k] re-reads the file: read every array once
     ends = np.cumsum(d["lengths"])
     # Episode i owns rows start..end of actions and start+i..end+i of obs (each episode has one extra observation).
     return [(d["obs"][start + i : end + i + 1], d["actions"][start:end], d["rewards"][start:end], d["terminals"][start:end])
