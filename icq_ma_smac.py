@@ -303,8 +303,10 @@ def load_dataset(path, info, map_name, backend, device):
     flat = {k: torch.as_tensor(raw[k].reshape(raw[k].shape[:2]).astype(np.float32)) for k in ("reward", "terminated", "filled")}
     data["reward"], data["terminated"] = flat["reward"][:, :-1], flat["terminated"][:, :-1]
     data["mask"] = transition_mask(flat["filled"], flat["terminated"])
-    if not data["mask"].any():
+    keep = data["mask"].any(1)  # episodes without a single valid transition would give empty batches
+    if not keep.any():
         fail(f"{path} holds no valid transition (filled/terminated are all padding)")
+    data = {k: v[keep] for k, v in data.items()}
     last = torch.where(data["mask"], torch.arange(rows - 1), -1).max(1).values
     data["rows"] = last + 2  # rows an episode needs: its transitions and the row after the last one
     return {k: v.to(device) for k, v in data.items()}
