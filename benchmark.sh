@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmarks and result runs. Usage: bash benchmark.sh [speed|continuous|discrete|smax|table] ...
+# Benchmarks and result runs. Usage: bash benchmark.sh [speed|continuous|discrete|smax|table|plot] [extra args for every run]
 #   speed       updates/s and memory on synthetic data (no download): runs anywhere in minutes
 #   continuous  ICQ on D4RL data through Minari (needs `minari download <id>` first; 1M steps each, hours per run)
 #   discrete    ICQ and behaviour cloning on the built-in LunarLander-v3 datasets, 3 seeds, both normalisers
@@ -12,7 +12,8 @@ cd "$(dirname "$0")"
 SEEDS=${SEEDS:-"1 2 3"}
 
 speed() {
-  # Hopper sizes (obs 11, act 3), batch 256, one process at a time; 1M transitions = 1000 episodes of 1000 steps.
+  # Extra arguments go to every run (e.g. --no-cuda). Runs one process at a time.
+  # Continuous: Hopper sizes (obs 11, act 3), batch 256; 1M transitions = 1000 episodes of 1000 steps.
   mkdir -p datasets
   python - <<'EOF'
 import os
@@ -35,11 +36,29 @@ EOF
     python icq_continuous.py --dataset-path "datasets/synthetic-hopper-$data.hdf5" --env-id Hopper-v5 --batch-size 256 \
       --total-steps 5000 --eval-interval 5000 --eval-episodes 1 --run-name "speed_continuous_$data" "$@"
   done
+  # Discrete: LunarLander-v3 sizes (obs 8, 4 actions), batch 256, both normalisers.
+  for normalizer in batch behavior; do
+    python icq_discrete.py --quality medium --normalizer "$normalizer" --total-steps 3000 --eval-interval 3000 \
+      --eval-episodes 1 --run-name "speed_discrete_$normalizer" "$@"
+  done
+  # Multi-agent: SMAX 3s_vs_5z, 32 episodes per iteration, both critic-update modes (the dataset is made on first use).
+  for mode in sequential batched; do
+    python icq_ma_smac.py --map 3s_vs_5z --critic-updates "$mode" --total-steps 30 --log-interval 10 --eval-interval 30 \
+      --run-name "speed_ma_$mode" "$@"
+  done
   python - <<'EOF'
 import json
+def summary(name):
+    return json.load(open(f"runs/{name}/summary.json"))
 for data in ("1k", "1M"):
-    s = json.load(open(f"runs/speed_continuous_{data}/summary.json"))
+    s = summary(f"speed_continuous_{data}")
     print(f"icq_continuous.py Hopper sizes, batch 256, {data} transitions: {s['updates_per_second']:.0f} updates/s, peak RSS {s['peak_rss_mb']:.0f} MB")
+for normalizer in ("batch", "behavior"):
+    s = summary(f"speed_discrete_{normalizer}")
+    print(f"icq_discrete.py LunarLander-v3, batch 256, --normalizer {normalizer}: {s['updates_per_second']:.0f} updates/s")
+for mode in ("sequential", "batched"):
+    s = summary(f"speed_ma_{mode}")
+    print(f"icq_ma_smac.py SMAX 3s_vs_5z, batch 32, --critic-updates {mode}: {1 / s['iterations_per_second']:.2f} s/iteration")
 EOF
 }
 
@@ -54,6 +73,24 @@ continuous() {
   done
 }
 
+discrete() {
+  # ICQ (--alpha 10) and behaviour cloning (--alpha 1e6) on the built-in LunarLander-v3 data, both normalisers.
+  for quality in mixed medium; do for normalizer in batch behavior; do for algo in icq bc; do for seed in $SEEDS; do
+    alpha=10; [ "$algo" = bc ] && alpha=1000000
+    python icq_discrete.py --quality "$quality" --normalizer "$normalizer" --alpha "$alpha" --seed "$seed" \
+      --run-name "discrete__LunarLander-v3-${quality}__${normalizer}__${algo}__${seed}" "$@"
+  done; done; done; done
+}
+
+smax() {
+  # ICQ-MA (--alpha 0.1) and behaviour cloning (--alpha 1e6) on SMAX 3s_vs_5z, medium and mixed data.
+  for quality in medium mixed; do for algo in icq bc; do for seed in $SEEDS; do
+    alpha=0.1; [ "$algo" = bc ] && alpha=1000000
+    python icq_ma_smac.py --map 3s_vs_5z --quality "$quality" --alpha "$alpha" --seed "$seed" \
+      --run-name "smax__3s_vs_5z-${quality}__${algo}__${seed}" "$@"
+  done; done; done
+}
+
 table() {
   python - "$@" <<'EOF'
 import collections, glob, json, statistics
@@ -66,7 +103,7 @@ def fmt(values):
     values = [v for v in values if v is not None]
     if not values:
         return "-"
-    return f"{statistics.mean(values):.1f} ± {statistics.pstdev(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 print("| run | seeds | final | best | rate (/s) |")
 print("|---|---|---|---|---|")
 for name, runs in groups.items():
