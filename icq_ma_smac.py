@@ -413,6 +413,11 @@ def critic_targets(target_q, actions, k, bias, rewards, terminated, mask, gamma,
     return td_lambda_targets(rewards, terminated, mask.to(rewards.dtype), rho * q_tot, gamma, td_lambda)
 
 
+def previous_actions_onehot(actions, n_actions):
+    """actions [B,T,N] -> the agent input "last action" [B,T,N,A]: a_{t-1} one-hot, zeros at t = 0 (as in evaluation)."""
+    return F.pad(F.one_hot(actions[:, :-1], n_actions).float(), (0, 0, 0, 0, 1, 0))
+
+
 def masked_log_softmax(logits, avail):
     """log pi over the available actions (rows with none available, i.e. padding, use all actions: they are masked)."""
     avail = avail | ~avail.any(-1, keepdim=True)
@@ -701,7 +706,7 @@ if __name__ == "__main__":
         with torch.no_grad():
             q_values = critic(state[:, :-1], obs[:, :-1])
             k, _ = mixer(state[:, :-1])
-        last_actions = F.one_hot(torch.cat([torch.zeros_like(actions[:, :1]), actions[:, :-2]], 1), n_actions).float()
+        last_actions = previous_actions_onehot(actions[:, :-1], n_actions)
         logits, _ = actor(obs[:, :-1], last_actions)
         policy_loss = actor_loss(logits, avail[:, :-1], actions[:, :-1], q_values, k, mask, args.alpha, args.mixer_weight_in_exponent)
         clipped_step(actor_optimizer, policy_loss, list(actor.parameters()))

@@ -15,6 +15,7 @@ from icq_ma_smac import (
     critic_targets,
     evaluate,
     icq_weights,
+    previous_actions_onehot,
     td_lambda_targets,
     transition_mask,
 )
@@ -196,6 +197,14 @@ def test_fused_gru_matches_step_by_step():
         out, h = actor(obs[:, t : t + 1], last[:, t : t + 1], h)
         steps.append(out)
     torch.testing.assert_close(torch.cat(steps, 1), full)
+
+
+def test_last_action_input_matches_evaluation():
+    """Training feeds a_{t-1} one-hot and zeros at t = 0, exactly what evaluate() feeds while acting."""
+    actions = torch.tensor([[[2, 0], [1, 3], [0, 0]]])  # [B=1, T=3, N=2]
+    last = previous_actions_onehot(actions, 4)
+    assert last.shape == (1, 3, 2, 4) and (last[:, 0] == 0).all()
+    torch.testing.assert_close(last[:, 1:], torch.nn.functional.one_hot(actions[:, :-1], 4).float())
 
 
 class FakeStarCraft2Env:
