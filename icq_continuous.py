@@ -360,13 +360,12 @@ if __name__ == "__main__":
     minari_dataset = None
     if args.dataset_id is not None:
         columns, minari_dataset = load_minari(args.dataset_id, args.timeout_as_terminal)
-        env = gym.make(args.env_id) if args.env_id else minari_dataset.recover_environment(eval_env=True)
     else:
         columns = load_d4rl_hdf5(args.dataset_path, args.timeout_as_terminal)
-        try:
-            env = gym.make(args.env_id)
-        except gym.error.Error as exc:
-            fail(f"--env-id {args.env_id}: {exc}")
+    try:
+        env = gym.make(args.env_id) if args.env_id else minari_dataset.recover_environment(eval_env=True)
+    except gym.error.Error as exc:
+        fail(f"--env-id {args.env_id}: {exc}")
     data = make_dataset_tensors(columns, device)
     obs_dim, act_dim = data["obs"].shape[1], data["actions"].shape[1]
     env_obs_dim = flatten_obs(env.observation_space.sample()).shape[0]
@@ -383,11 +382,12 @@ if __name__ == "__main__":
     critic_target_net = copy.deepcopy(critic).requires_grad_(False)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, weight_decay=args.actor_weight_decay)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
+    state_modules = (("actor", actor), ("critic", critic), ("critic_target", critic_target_net),
+                     ("actor_optimizer", actor_optimizer), ("critic_optimizer", critic_optimizer))
 
     start_step, evaluations = 0, []
     if checkpoint is not None:
-        for module, key in ((actor, "actor"), (critic, "critic"), (critic_target_net, "critic_target"),
-                            (actor_optimizer, "actor_optimizer"), (critic_optimizer, "critic_optimizer")):
+        for key, module in state_modules:
             module.load_state_dict(checkpoint[key])
         random.setstate(checkpoint["rng"]["python"])
         np.random.set_state(checkpoint["rng"]["numpy"])
@@ -405,8 +405,7 @@ if __name__ == "__main__":
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     def save_checkpoint(step):
-        state = {key: module.state_dict() for key, module in (("actor", actor), ("critic", critic), ("critic_target", critic_target_net),
-                                                               ("actor_optimizer", actor_optimizer), ("critic_optimizer", critic_optimizer))}
+        state = {key: module.state_dict() for key, module in state_modules}
         state["rng"] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
         state.update(step=step, args=vars(args), evaluations=evaluations)

@@ -268,5 +268,7 @@ def test_bad_inputs(tmp_path):
     assert_user_error(run_script(SCRIPT, "--dataset-path", "hopper.hdf5", "--env-id", "Walker2d-v5", cwd=tmp_path, check=False),
                       "observation size 11 vs 17", "action size 3 vs 6")
     assert_user_error(run_script(SCRIPT, "--dataset-path", "hopper.hdf5", cwd=tmp_path, check=False), "--env-id")
+    assert_user_error(run_script(SCRIPT, "--dataset-path", "hopper.hdf5", "--env-id", "Hoper-v5", cwd=tmp_path, check=False),
+                      "--env-id Hoper-v5")
     assert_user_error(run_script(SCRIPT, "--dataset-path", "hopper.hdf5", "--env-id", "Hopper-v5", "--alpha", 0, cwd=tmp_path, check=False),
                       "must be > 0")
