@@ -13,6 +13,7 @@ import json
 import os
 import random
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -54,9 +55,10 @@ class Args:
     env_backend: Literal["auto", "smac", "smacv2", "smax"] = "auto"
     """auto: smac when the smac package imports and StarCraft II is found, else smax (JaxMARL, no StarCraft II)"""
     dataset: Optional[str] = None
-    """an HDF5 file in the PyMARL episode layout (default with smax: datasets/smax_{map}_{quality}.h5, made if missing)"""
+    """an HDF5 file in the PyMARL episode layout (default with smax: datasets/smax_{map}_{quality}_v2.h5, made if missing)"""
     quality: Literal["good", "medium", "poor", "mixed"] = "medium"
-    """behaviour quality of the generated SMAX dataset (mixed = equal thirds of the other three)"""
+    """generated SMAX dataset: good = the kite + focus-fire controller, medium/poor = it with 10 %/30 % random actions,
+    mixed = a strategy mixture in which that controller plays only 20 % of the episodes (see MIXTURE)"""
     dataset_episodes: int = 1000
     """episodes in a generated SMAX dataset"""
     total_steps: int = 40_000
@@ -64,13 +66,16 @@ class Args:
     batch_size: int = 32
     """episodes per iteration; the ICQ softmaxes normalise over them"""
     alpha: float = 0.1
-    """actor temperature: weight = icq_weights(A_i / alpha) over the batch's episodes"""
+    """actor temperature: weight = icq_weights(A_i / alpha) over the batch's episodes; inf = exact behaviour cloning"""
     critic_alpha: float = 1000.0
     """critic temperature of rho = icq_weights(Q'_tot / critic_alpha)"""
     td_lambda: float = 0.75
     """lambda of the TD(lambda) critic target"""
     gamma: float = 0.99
     """the discount factor"""
+    reward_scale: Optional[float] = None
+    """multiplies the dataset rewards on load (default: 10 with smax, 1 with smac/smacv2). SMAC scales a won episode's
+    return to ~20 (reward_scale_rate), which the temperatures 0.1 / 1000 were tuned for; a SMAX episode returns <= ~2"""
     critic_updates: Literal["sequential", "batched"] = "sequential"
     """sequential: one critic optimiser step per timestep, as the authors; batched: one masked step over all timesteps"""
     target_update_interval: int = 600
@@ -102,7 +107,6 @@ SMAX_EPISODE_LIMITS = {
     "3m": 60, "8m": 120, "25m": 150, "5m_vs_6m": 70, "10m_vs_11m": 150, "27m_vs_30m": 180, "2s3z": 120, "3s5z": 150,
     "3s5z_vs_3s6z": 170, "3s_vs_5z": 250, "6h_vs_8z": 150, "smacv2_5_units": 200, "smacv2_10_units": 200, "smacv2_20_units": 200,
 }
-QUALITY_EPSILON = {"good": 0.0, "medium": 0.1, "poor": 0.3}  # per-agent chance of a uniform available action
 SMAC_INSTALL = ("install it with `pip install git+https://github.com/oxwhirl/{pkg}.git` and StarCraft II (set SC2PATH, "
                 "default ~/StarCraftII, with the SMAC maps in $SC2PATH/Maps), or use --env-backend smax")
 DATA_KEYS = ("obs", "state", "actions", "avail_actions", "reward", "terminated", "filled")
@@ -115,6 +119,8 @@ def fail(msg):
 def validate_args(args):
     if args.alpha <= 0 or args.critic_alpha <= 0:
         fail(f"--alpha and --critic-alpha are temperatures and must be > 0 (got {args.alpha}, {args.critic_alpha})")
+    if args.reward_scale is not None and not 0 < args.reward_scale < float("inf"):
+        fail(f"--reward-scale must be a finite number > 0 (got {args.reward_scale})")
     if not 0 <= args.td_lambda <= 1:
         fail(f"--td-lambda must be in [0, 1] (got {args.td_lambda})")
     if min(args.total_steps, args.batch_size, args.eval_interval, args.eval_episodes, args.log_interval,
@@ -131,7 +137,7 @@ def validate_args(args):
 class SmacAdapter:
     """A smac/smacv2 StarCraft2Env (one StarCraft II process, so one episode at a time)."""
 
-    max_batch = 1
+    max_batch, raw_state = 1, None
 
     def __init__(self, env):
         self.env = env
@@ -174,6 +180,8 @@ class SmaxAdapter:
         # SMAX checks its step limit before counting the step (T+1 steps); evaluate() and the generator end at T.
         self.env = env = jaxmarl.make("HeuristicEnemySMAX", scenario=map_name_to_scenario(map_name), max_steps=limit)
         self.scale = jax.numpy.asarray(smax_state_scale(env))
+        world = jax.eval_shape(lambda key: env.get_world_state(env.reset(key)[1]), jax.random.PRNGKey(0))
+        self.raw_state = (int(world.shape[0]), np.asarray(self.scale))  # files that store get_world_state as is
         self.info = {"n_agents": env.num_allies, "n_actions": int(env.action_space(env.agents[0]).n),
                      "obs_shape": int(env.observation_space(env.agents[0]).shape[0]), "state_shape": len(self.scale),
                      "episode_limit": limit}
@@ -274,7 +282,9 @@ def transition_mask(filled, terminated):
     return mask & (terminated[:, :-1] | has_next)
 
 
-def load_dataset(path, info, map_name, backend, device):
+def load_dataset(path, info, map_name, backend, device, reward_scale=1.0, raw_state=None):
+    """Episode tensors on `device`, rewards times reward_scale. raw_state = (size, scale): a `state` of that size is the
+    raw SMAX world state (env.get_world_state, e.g. recorded by another SMAX tool); it is normalised like SmaxAdapter's."""
     import h5py
 
     if not os.path.isfile(path):
@@ -287,7 +297,12 @@ def load_dataset(path, info, map_name, backend, device):
         data_map = data_map.decode() if isinstance(data_map, bytes) else data_map
         shape = {"n_agents": f["obs"].shape[2], "n_actions": f["avail_actions"].shape[3], "obs_shape": f["obs"].shape[3],
                  "state_shape": f["state"].shape[2]}
+        normalise = raw_state is not None and shape["state_shape"] == raw_state[0] != info["state_shape"]
+        if normalise:
+            shape["state_shape"] = info["state_shape"]
         diffs = [f"{k} {shape[k]} (dataset) vs {info[k]} (env)" for k in shape if shape[k] != info[k]]
+        if raw_state is not None and shape["state_shape"] != info["state_shape"]:
+            diffs[-1] = diffs[-1][:-1] + f", or {raw_state[0]} for its raw world state)"
         if data_map is not None and data_map != map_name:
             diffs.insert(0, f"map {data_map} (dataset) vs {map_name} (env)")
         if diffs:
@@ -295,13 +310,16 @@ def load_dataset(path, info, map_name, backend, device):
                  "same map, backend and version (SMAX states are normalised: see README)")
         rows = int(f["filled"][:].reshape(len(f["filled"]), -1).sum(1).max())  # drop all-padding columns
         raw = {k: f[k][:, :rows] for k in DATA_KEYS}
+    if normalise:  # as SmaxAdapter.observe: keep the per-unit features, scale them, clip the idle cooldowns below 0
+        raw["state"] = np.clip(raw["state"][..., : len(raw_state[1])].astype(np.float32) * raw_state[1], 0.0, 1.0)
+        print(f"{path}: state is the raw SMAX world state ({raw_state[0]} features); normalised to {info['state_shape']} on load")
     data = {
         "obs": torch.as_tensor(raw["obs"]), "state": torch.as_tensor(raw["state"]),  # float16 files stay float16 in memory
         "actions": torch.as_tensor(raw["actions"].reshape(raw["actions"].shape[:3]).astype(np.int64)),
         "avail": torch.as_tensor(raw["avail_actions"] != 0),
     }
     flat = {k: torch.as_tensor(raw[k].reshape(raw[k].shape[:2]).astype(np.float32)) for k in ("reward", "terminated", "filled")}
-    data["reward"], data["terminated"] = flat["reward"][:, :-1], flat["terminated"][:, :-1]
+    data["reward"], data["terminated"] = flat["reward"][:, :-1] * reward_scale, flat["terminated"][:, :-1]
     data["mask"] = transition_mask(flat["filled"], flat["terminated"])
     keep = data["mask"].any(1)  # episodes without a single valid transition would give empty batches
     if not keep.any():
@@ -403,14 +421,14 @@ def critic_targets(target_q, actions, k, bias, rewards, terminated, mask, gamma,
     """The ICQ-MA critic target: TD(lambda) over y = rho * Q'_tot, rho = exp(Q'_tot/alpha)/Z (eq. 19).
 
     target_q [B,T,N,A] from the target critic; actions [B,T,N] dataset actions; k [B,T,N], bias [B,T] from the target
-    mixer; rewards, terminated, mask [B,T-1]. Returns [B,T-1]. Q' is only read at dataset actions, and rho normalises per
-    timestep over the episodes that bootstrap from that row.
+    mixer; rewards, terminated, mask [B,T-1]. Returns the targets [B,T-1] and rho [B,T] (0 where nothing bootstraps).
+    Q' is only read at dataset actions, and rho normalises per timestep over the episodes that bootstrap from that row.
     """
     q_tot = (k * target_q.gather(-1, actions.unsqueeze(-1)).squeeze(-1)).sum(-1) + bias
     mask = mask.bool()
     bootstrapped = torch.cat([torch.zeros_like(mask[:, :1]), mask & (terminated == 0)], 1)
     rho = icq_weights(q_tot, critic_alpha, bootstrapped, dim=0)
-    return td_lambda_targets(rewards, terminated, mask.to(rewards.dtype), rho * q_tot, gamma, td_lambda)
+    return td_lambda_targets(rewards, terminated, mask.to(rewards.dtype), rho * q_tot, gamma, td_lambda), rho
 
 
 def previous_actions_onehot(actions, n_actions):
@@ -429,19 +447,23 @@ def actor_loss(logits, avail, actions, q_values, k, mask, alpha, weight_in_expon
 
     logits, q_values [B,T,N,A] (q detached); avail bool [B,T,N,A]; actions [B,T,N]; k [B,T,N] mixer weights;
     mask [B,T] valid transitions. A_i = Q_i(a_i) - sum_a pi_i(a) Q_i(a), the counterfactual baseline; the batch softmax
-    runs over episodes for each (t, i). weight_in_exponent uses icq_weights(k_i A_i / alpha) instead.
+    runs over episodes for each (t, i). weight_in_exponent uses icq_weights(k_i A_i / alpha) instead. alpha = inf is
+    exact behaviour cloning: every weight is 1 (pi* = mu, so neither the softmax nor k_i reweights). Returns the loss
+    and the weights [B,T,N] (0 on padding).
     """
     log_pi, avail = masked_log_softmax(logits, avail)
     q_values, k = q_values.detach(), k.detach()
     baseline = (log_pi.detach().exp() * q_values.masked_fill(~avail, 0.0)).sum(-1)
     advantage = q_values.gather(-1, actions.unsqueeze(-1)).squeeze(-1) - baseline
     agent_mask = mask.bool().unsqueeze(-1).expand_as(advantage)
-    if weight_in_exponent:
+    if alpha == float("inf"):
+        weight = agent_mask.float()
+    elif weight_in_exponent:
         weight = icq_weights(k * advantage, alpha, agent_mask, dim=0)
     else:
         weight = k * icq_weights(advantage, alpha, agent_mask, dim=0)
     log_pi_taken = log_pi.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-    return -(weight * log_pi_taken).masked_fill(~agent_mask, 0.0).sum() / agent_mask.sum().clamp_min(1)
+    return -(weight * log_pi_taken).masked_fill(~agent_mask, 0.0).sum() / agent_mask.sum().clamp_min(1), weight
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -477,43 +499,72 @@ def evaluate(actor, adapter, episodes, seed, device, sample=False):
     return float(np.mean(wins)), float(np.mean(returns))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# SMAX datasets: a scripted behaviour policy with privileged state. Where allied ranged units face melee enemies they
-# kite (attack when the weapon is ready, otherwise step away from nearby enemies); all units focus fire on the weakest
-# enemy in range. Lower qualities replace each agent's action by a uniform available one with probability epsilon.
-def scripted_actions(env, state, avail, key, epsilon, kite_distance=5.0):
+# =====================================================================================================================
+# Data generation, not part of ICQ-MA: scripted SMAX behaviour controllers and the recorder of their episodes.
+# Each controller reads only the privileged world state and the available actions and gives every agent a distribution
+# over actions (one-hot where it is deterministic); the recorder samples it with the episode's key, so an episode is a
+# deterministic function of (seed, controller, epsilon).
+CONTROLLERS = ("focus_kite", "spread", "hold", "wander", "random")
+QUALITY_EPSILON = {"good": 0.0, "medium": 0.1, "poor": 0.3}  # per-agent chance of a uniform available action
+# --quality mixed: the good controller plays a minority of the episodes, so that at most states the data's most frequent
+# action comes from a worse one: hold (stop, not approach) outweighs the approaching controllers, and spread + hold
+# (fire spread over the enemies) outweigh focus fire. The recorder measures it: good_not_majority_fraction (attribute).
+MIXTURE = {"focus_kite": 0.2, "spread": 0.2, "hold": 0.5, "wander": 0.05, "random": 0.05}
+
+
+def controller_policies(env, state, avail, kite_distance=5.0):
+    """Action probabilities [len(CONTROLLERS), n_allies, n_actions] of every controller at this state (actions 0-3 move
+    N/E/S/W, 4 stops, 5 + j attacks enemy j).
+
+    focus_kite (good): all focus fire on the weakest enemy in range; ranged allies facing melee enemies kite (attack when
+        the weapon is ready, else step away from nearby enemies); out of range, approach the closest enemy.
+    spread: attack the healthiest enemy in range, agent i preferring enemy i at equal health (fire spread over the
+        enemies), else approach the closest enemy; no kiting.
+    hold: never move; fire as spread does, else stop.
+    wander: a uniform available move, ignoring the enemies.   random: a uniform available action.
+    """
     import jax
     import jax.numpy as jnp
 
-    s, na = state.state, env.num_allies
+    s, na, ne = state.state, env.num_allies, env.num_enemies
     pos, alive = s.unit_positions, s.unit_alive
     diff = pos[:na, None] - pos[None, na:]  # ally -> enemy offsets [na, ne, 2]
     dist = jnp.where(alive[None, na:], jnp.linalg.norm(diff, axis=-1), jnp.inf)
     health = s.unit_health[na:] / env.unit_type_health[s.unit_types[na:]]
     attackable = avail[:, 5:]
-    target = jnp.argmin(jnp.where(attackable, health[None] + 1e-3 * dist, jnp.inf), -1)
+    in_range = attackable.any(-1)
+
+    def attack(score):  # attack the enemy in range with the lowest score [na, ne]
+        return 5 + jnp.argmin(jnp.where(attackable, score, jnp.inf), -1)
+
     ranges = env.unit_type_attack_ranges[s.unit_types]
     kite = ranges[:na] > jnp.max(jnp.where(jnp.arange(len(ranges)) >= na, ranges, 0.0))
     nearest = jnp.min(dist, -1)
-    dirs = jnp.array([[0.0, 1.0], [1.0, 0.0], [0.0, -1.0], [-1.0, 0.0]])  # actions 0-3: N, E, S, W
+    dirs = jnp.array([[0.0, 1.0], [1.0, 0.0], [0.0, -1.0], [-1.0, 0.0]])
     away = jnp.sum(jnp.where(jnp.isfinite(dist)[..., None], diff / jnp.maximum(dist, 0.5)[..., None] ** 3, 0.0), 1)
     away = away / (jnp.linalg.norm(away, axis=-1, keepdims=True) + 1e-6)
     size = jnp.array([env.map_width, env.map_height])
     wall = (pos[:na] < 4.0).astype(jnp.float32) - (pos[:na] > size - 4.0).astype(jnp.float32)
     flee = jnp.argmax((away + wall) @ dirs.T, -1)
-    closest = pos[na:][jnp.argmin(dist, -1)]
-    approach = jnp.argmax((closest - pos[:na]) @ dirs.T, -1)
+    approach = jnp.argmax((pos[na:][jnp.argmin(dist, -1)] - pos[:na]) @ dirs.T, -1)
     ready = s.unit_weapon_cooldowns[:na] <= 0.5
-    action = jnp.where(attackable.any(-1) & (ready | ~kite), 5 + target,
-                       jnp.where(kite & (nearest < kite_distance), flee, jnp.where(nearest < ranges[:na] - 0.3, 4, approach)))
-    action = jnp.where(avail[jnp.arange(na), action], action, 4)
-    k1, k2 = jax.random.split(key)
-    random_action = jax.random.categorical(k1, jnp.where(avail, 0.0, -jnp.inf))
-    return jnp.where(jax.random.uniform(k2, (na,)) < epsilon, random_action, action)
+    focus_kite = jnp.where(in_range & (ready | ~kite), attack(health[None] + 1e-3 * dist),
+                           jnp.where(kite & (nearest < kite_distance), flee, jnp.where(nearest < ranges[:na] - 0.3, 4, approach)))
+    preference = (jnp.arange(ne)[None] - jnp.arange(na)[:, None]) % ne
+    spread_fire = attack(-health[None] + 1e-3 * preference)
+    spread, hold = jnp.where(in_range, spread_fire, approach), jnp.where(in_range, spread_fire, 4)
+    n_actions = avail.shape[-1]
+    deterministic = [jax.nn.one_hot(jnp.where(avail[jnp.arange(na), a], a, 4), n_actions) for a in (focus_kite, spread, hold)]
+    moves = avail.at[:, 4:].set(False)
+    wander = jnp.where(moves.any(-1, keepdims=True), moves, jax.nn.one_hot(4, n_actions, dtype=bool)).astype(jnp.float32)
+    uniform = avail.astype(jnp.float32)
+    return jnp.stack(deterministic + [wander / wander.sum(-1, keepdims=True), uniform / uniform.sum(-1, keepdims=True)])
 
 
 def generate_smax_dataset(path, map_name, quality, episodes, seed, chunk=250):
-    """Record `episodes` scripted episodes in the PyMARL layout (float16 obs/state, trimmed to the longest episode)."""
+    """Record `episodes` scripted episodes in the PyMARL layout (float16 obs/state, trimmed to the longest episode), with
+    each episode's controller id ("controller", names in the attribute controller_names). Prints each component's win
+    rate; returns (win rate, mean return, good_not_majority_fraction)."""
     import h5py
     import jax
     import jax.numpy as jnp
@@ -521,18 +572,26 @@ def generate_smax_dataset(path, map_name, quality, episodes, seed, chunk=250):
 
     adapter = SmaxAdapter(map_name)
     env, limit = adapter.env, adapter.info["episode_limit"]
+    mixture = jnp.asarray([MIXTURE[c] for c in CONTROLLERS])
 
-    def episode(key, epsilon):
+    def episode(key, controller, epsilon):
         key, reset_key = jax.random.split(key)
         state, observed = adapter.reset_one(reset_key)
 
         def body(carry, t):
             key, state, observed, ended = carry
             key, act_key, step_key = jax.random.split(key, 3)
-            actions = scripted_actions(env, state, observed[2], act_key, epsilon)
+            avail = observed[2]
+            policies = controller_policies(env, state, avail)
+            probs = (1 - epsilon) * policies[controller] + epsilon * policies[CONTROLLERS.index("random")]
+            actions = jax.random.categorical(act_key, jnp.log(probs))
+            # does the good controller's action differ from the mixture's most probable one at this state?
+            majority = jnp.einsum("c,cna->na", mixture, policies).argmax(-1)
+            choice = avail.sum(-1) > 1  # alive agents that have a choice
+            disagree = jnp.stack([majority != policies[0].argmax(-1), choice])
             state, next_observed, reward, done, won = adapter.step_one(step_key, state, actions)
             terminated = done | (t + 1 >= limit)
-            row = (*observed, actions, reward, terminated, won, ~ended)
+            row = (*observed, actions, reward, terminated, won, ~ended, disagree)
             return (key, state, next_observed, ended | terminated), row
 
         (_, _, final, _), rows = jax.lax.scan(body, (key, state, observed, jnp.array(False)), jnp.arange(limit))
@@ -540,18 +599,21 @@ def generate_smax_dataset(path, map_name, quality, episodes, seed, chunk=250):
 
     rollout = jax.jit(jax.vmap(episode))
     if quality == "mixed":
-        epsilons = np.array([QUALITY_EPSILON[q] for q in ("good", "medium", "poor")]).repeat(-(-episodes // 3))[:episodes]
+        counts = np.floor(np.array([MIXTURE[c] for c in CONTROLLERS]) * episodes).astype(int)
+        counts[0] += episodes - counts.sum()
+        controllers, epsilons = np.repeat(np.arange(len(CONTROLLERS)), counts), np.zeros(episodes)
     else:
-        epsilons = np.full(episodes, QUALITY_EPSILON[quality])
+        controllers, epsilons = np.zeros(episodes, int), np.full(episodes, QUALITY_EPSILON[quality])
     parts, key = [], jax.random.PRNGKey(seed)
     for start in range(0, episodes, chunk):
         key, chunk_key = jax.random.split(key)
-        eps = jnp.asarray(epsilons[start : start + chunk], jnp.float32)
-        final, (obs, state, avail, actions, reward, terminated, won, active) = rollout(jax.random.split(chunk_key, len(eps)), eps)
+        ctrl, eps = (jnp.asarray(x[start : start + chunk]) for x in (controllers, epsilons.astype(np.float32)))
+        final, (obs, state, avail, actions, reward, terminated, won, active, disagree) = rollout(jax.random.split(chunk_key, len(eps)), ctrl, eps)
         obs, state, avail = (jnp.concatenate([x, f[:, None]], 1) for x, f in zip((obs, state, avail), final))
         length = active.sum(1)  # steps taken; rows 0..length hold observations (filled), 0..length-1 transitions
         row = jnp.arange(limit + 1)[None]
         filled, acted = row <= length[:, None], row[:, :-1] < length[:, None]
+        choice = disagree[:, :, 1] & acted[..., None]
         parts.append({
             "obs": np.asarray(obs * filled[..., None, None], np.float16), "state": np.asarray(state * filled[..., None], np.float16),
             "avail_actions": np.asarray(avail & filled[..., None, None], np.uint8),
@@ -560,22 +622,34 @@ def generate_smax_dataset(path, map_name, quality, episodes, seed, chunk=250):
             "terminated": np.asarray(jnp.pad(terminated & acted, ((0, 0), (0, 1))), np.uint8)[..., None],
             "filled": np.asarray(filled, np.uint8)[..., None],
             "won": np.asarray((won & active).any(1)), "length": np.asarray(length),
+            "disagree": np.asarray((disagree[:, :, 0] & choice).sum()), "choice": np.asarray(choice.sum()),
         })
-    data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k not in ("disagree", "choice")}
+    data["controller"] = controllers.astype(np.int64)
+    not_majority = float(sum(p["disagree"] for p in parts) / max(sum(p["choice"] for p in parts), 1))
+    win_rates = np.array([data["won"][controllers == c].mean() if (controllers == c).any() else np.nan for c in range(len(CONTROLLERS))])
+    for c, name in enumerate(CONTROLLERS):
+        if (controllers == c).any():
+            print(f"  {name}: {(controllers == c).sum()} episodes, win rate {win_rates[c]:.3f}")
+    print(f"  good action is not the behaviour mixture's most probable action at {not_majority:.3f} of the (state, agent) pairs with a choice")
     rows = int(data["length"].max()) + 1
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with h5py.File(path + ".tmp", "w") as f:
         for k in DATA_KEYS:
             f.create_dataset(k, data=data[k][:, :rows], compression="lzf", chunks=True)
-        f.attrs.update(map_name=map_name, backend="smax", episode_limit=limit, quality=quality, seed=seed,
+        f.create_dataset("controller", data=data["controller"])
+        f.attrs.update(map_name=map_name, backend="smax", episode_limit=limit, quality=quality, seed=seed, version=2,
                        behaviour_win_rate=float(data["won"].mean()), behaviour_mean_return=float(data["reward"].sum((1, 2)).mean()),
+                       controller_names=list(CONTROLLERS), controller_win_rates=win_rates, mixture=[MIXTURE[c] for c in CONTROLLERS],
+                       good_not_majority_fraction=not_majority,
                        jaxmarl_version=getattr(jaxmarl, "__version__", "unknown"), episodes=episodes,
                        state_normalisation="per unit: positions / map size, cooldown / max cooldown; team and type ids dropped")
     os.replace(path + ".tmp", path)
-    return float(data["won"].mean()), float(data["reward"].sum((1, 2)).mean())
+    return float(data["won"].mean()), float(data["reward"].sum((1, 2)).mean()), not_majority
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines reach nohup / SLURM logs as they happen
     args = validate_args(tyro.cli(Args))
     checkpoint = None
     if args.resume is not None:
@@ -606,16 +680,20 @@ if __name__ == "__main__":
     if dataset_path is None:
         if backend != "smax":
             fail(f"--env-backend {backend} needs --dataset PATH.h5 (PyMARL episode layout, recorded on this StarCraft II version)")
-        dataset_path = f"datasets/smax_{args.map}_{args.quality}.h5"
+        dataset_path = f"datasets/smax_{args.map}_{args.quality}_v2.h5"  # v2: strategy-mixed `mixed`, controller ids
         if not os.path.isfile(dataset_path):
             gen_start = time.time()
-            win_rate, mean_return = generate_smax_dataset(dataset_path, args.map, args.quality, args.dataset_episodes, seed=0)
+            print(f"generating {dataset_path} ({args.dataset_episodes} episodes):")
+            win_rate, mean_return, _ = generate_smax_dataset(dataset_path, args.map, args.quality, args.dataset_episodes, seed=0)
             print(f"generated {dataset_path}: {args.dataset_episodes} episodes in {time.time() - gen_start:.1f}s, "
                   f"behaviour win rate {win_rate:.3f}, mean return {mean_return:.3f}")
-    data = load_dataset(dataset_path, adapter.info, args.map, backend, device)
+    reward_scale = args.reward_scale if args.reward_scale is not None else (10.0 if backend == "smax" else 1.0)
+    data = load_dataset(dataset_path, adapter.info, args.map, backend, device, reward_scale, adapter.raw_state)
+    dataset_return = float((data["reward"] * data["mask"]).sum(1).mean()) / reward_scale
     num_episodes, (n_agents, n_actions) = data["obs"].shape[0], (adapter.info["n_agents"], adapter.info["n_actions"])
     obs_dim, state_dim = adapter.info["obs_shape"], adapter.info["state_shape"]
-    print(f"{num_episodes} episodes, {int(data['mask'].sum())} transitions from {dataset_path}; backend {backend}, map {args.map}")
+    print(f"{num_episodes} episodes, {int(data['mask'].sum())} transitions from {dataset_path}; backend {backend}, map {args.map}; "
+          f"mean episode return {dataset_return:.3f}, rewards x {reward_scale:g} for training")
 
     actor = Actor(obs_dim, n_actions, n_agents).to(device)
     critic = Critic(state_dim, obs_dim, n_actions, n_agents).to(device)
@@ -684,7 +762,7 @@ if __name__ == "__main__":
         # Critic: regress Q_tot(s_t, a_t) on the TD(lambda) target of eq. 20, built once from the target networks.
         with torch.no_grad():
             k_target, b_target = mixer_target(state)
-            targets = critic_targets(critic_target_net(state, obs), actions, k_target, b_target, reward, terminated, mask,
+            targets, rho = critic_targets(critic_target_net(state, obs), actions, k_target, b_target, reward, terminated, mask,
                                      args.gamma, args.td_lambda, args.critic_alpha)
         if args.critic_updates == "sequential":  # the authors' COMA-style loop: one optimiser step per timestep
             for t in range(rows - 1):
@@ -708,7 +786,7 @@ if __name__ == "__main__":
             k, _ = mixer(state[:, :-1])
         last_actions = previous_actions_onehot(actions[:, :-1], n_actions)
         logits, _ = actor(obs[:, :-1], last_actions)
-        policy_loss = actor_loss(logits, avail[:, :-1], actions[:, :-1], q_values, k, mask, args.alpha, args.mixer_weight_in_exponent)
+        policy_loss, actor_weights = actor_loss(logits, avail[:, :-1], actions[:, :-1], q_values, k, mask, args.alpha, args.mixer_weight_in_exponent)
         clipped_step(actor_optimizer, policy_loss, list(actor.parameters()))
         nonfinite_step = torch.where((nonfinite_step < 0) & ~torch.isfinite(critic_loss + policy_loss), step, nonfinite_step)
 
@@ -719,8 +797,15 @@ if __name__ == "__main__":
             writer.add_scalar("losses/critic_loss", critic_loss.item(), step)
             writer.add_scalar("losses/actor_loss", policy_loss.item(), step)
             writer.add_scalar("losses/q_values", q_mean.item(), step)
+            # spread of the ICQ weights (eq. 19 and Sec. 4.3): near 1 everywhere means ICQ-MA is doing plain (SARSA / BC)
+            valid_weights, valid_rho = actor_weights[mask.bool()], rho[rho > 0]
+            spread = {"actor_weight_max": valid_weights.max(), "actor_weight_std": valid_weights.std(), "rho_max": rho.max(), "rho_std": valid_rho.std()}
+            spread = {key: value.item() for key, value in spread.items()}
+            for key, value in spread.items():
+                writer.add_scalar(f"losses/{key}", value, step)
             writer.add_scalar("charts/SPS", its, step)
-            print(f"step {step}/{args.total_steps} | critic {critic_loss.item():.4f} | actor {policy_loss.item():.4f} | q {q_mean.item():.3f} | {its:.2f} it/s")
+            print(f"step {step}/{args.total_steps} | critic {critic_loss.item():.4f} | actor {policy_loss.item():.4f} | q {q_mean.item():.3f} | "
+                  f"weight max {spread['actor_weight_max']:.2f} std {spread['actor_weight_std']:.3f} | rho max {spread['rho_max']:.3f} | {its:.2f} it/s")
 
         if step % args.eval_interval == 0 or step == args.total_steps:
             check_finite(nonfinite_step)
@@ -740,6 +825,8 @@ if __name__ == "__main__":
         "run_name": run_name,
         "backend": backend,
         "dataset": dataset_path,
+        "dataset_return": dataset_return,
+        "reward_scale": reward_scale,
         "final_win_rate": evaluations[-1]["win_rate"] if evaluations else None,
         "best_win_rate": max(e["win_rate"] for e in evaluations) if evaluations else None,
         "final_return": evaluations[-1]["return"] if evaluations else None,
