@@ -1,145 +1,252 @@
 #!/usr/bin/env bash
-# Benchmarks and result runs. Usage: bash benchmark.sh [speed|continuous|discrete|smax|table|plot] [extra args for every run]
-#   speed       updates/s and memory on synthetic data (no download): runs anywhere in minutes
-#   continuous  ICQ on D4RL data through Minari (needs `minari download <id>` first; 1M steps each, hours per run)
-#   discrete    ICQ and behaviour cloning on the built-in LunarLander-v3 datasets, 3 seeds, both normalisers
-#   smax        ICQ-MA and behaviour cloning on SMAX 3s_vs_5z (no StarCraft II needed)
-#   table       aggregate runs/*/summary.json into a markdown table (mean +- std over seeds)
-#   plot        draw each run group's evaluation curve (mean +- std over seeds) into runs/plots/<group>.png
-# Each result run writes runs/<name>/summary.json; `bash benchmark.sh table` prints what has been run so far.
+# benchmark.sh: the result grids of the three ICQ scripts, run on this machine or on a SLURM cluster.
+#
+#   bash benchmark.sh learn [options] [extra args]   ICQ vs exact BC (--alpha inf) on every built-in dataset, 3 seeds
+#                                                    -> benchmarks/learn.md + benchmarks/learn_<dataset>.png
+#   bash benchmark.sh learn --sweep [...]            an --alpha sweep (BC = inf at the large end) on one mixed dataset
+#                                                    per script -> benchmarks/sweep.md
+#   bash benchmark.sh speed [options] [extra args]   updates/s, peak memory and dataset memory of each script at its
+#                                                    standard sizes, beside the floor (the same networks' forward,
+#                                                    backward and optimiser steps alone) -> benchmarks/speed.md
+#   bash benchmark.sh paper --dry-run                print the seed paper's grid (D4RL, AntMaze, Adroit, SMAC; 5 seeds,
+#                                                    full budgets); without --dry-run it runs it (data must be present)
+# Options:
+#   --launcher local|slurm  local (default): --workers N runs at a time (default 2; speed: 1, so timings do not collide).
+#                           slurm: one `sbatch --array` job, one run per task, then an aggregation job that depends on
+#                           it; benchmark.sh waits for it (--no-wait: return after submitting). --sbatch-args "..." go to
+#                           every sbatch call (e.g. "--partition cpu --time 04:00:00"); SBATCH_* variables work too.
+#   --tiny                  a smoke-test grid: one dataset, ICQ and BC, one seed, a few steps; tables go to runs/tiny/
+#   --list                  print the runs' command lines and exit (the same as --dry-run)
+#   anything else           passed to every run, e.g. --no-cuda or --threads 1
+# Every run logs to runs/logs/<run_name>.log as it goes and writes runs/<run_name>/summary.json; the aggregation
+# (benchmarks/aggregate.py) reads only the runs of the grid it was given, so a missing run shows as missing.
 set -euo pipefail
 cd "$(dirname "$0")"
-SEEDS=${SEEDS:-"1 2 3"}
 
-speed() {
-  # Extra arguments go to every run (e.g. --no-cuda). Runs one process at a time.
-  # Continuous: Hopper sizes (obs 11, act 3), batch 256; 1M transitions = 1000 episodes of 1000 steps.
-  mkdir -p datasets
-  python - <<'EOF'
-import os
-import h5py
-import numpy as np
-for name, n in (("synthetic-hopper-1M.hdf5", 1_000_000), ("synthetic-hopper-1k.hdf5", 1_000)):
-    path = os.path.join("datasets", name)
-    if os.path.exists(path):
-        continue
-    rng = np.random.default_rng(0)
-    timeouts = np.zeros(n, bool)
-    timeouts[999::1000] = True
-    with h5py.File(path, "w") as f:
-        f["observations"] = rng.normal(size=(n, 11)).astype(np.float32)
-        f["actions"] = rng.uniform(-1, 1, size=(n, 3)).astype(np.float32)
-        f["rewards"] = rng.normal(size=n).astype(np.float32)
-        f["terminals"], f["timeouts"] = np.zeros(n, bool), timeouts
-EOF
-  for data in 1k 1M; do
-    python icq_continuous.py --dataset-path "datasets/synthetic-hopper-$data.hdf5" --env-id Hopper-v5 --batch-size 256 \
-      --total-steps 5000 --eval-interval 5000 --eval-episodes 1 --run-name "speed_continuous_$data" "$@"
-  done
-  # Discrete: LunarLander-v3 sizes (obs 8, 4 actions), batch 256, both normalisers.
-  for normalizer in batch behavior; do
-    python icq_discrete.py --quality medium --normalizer "$normalizer" --total-steps 3000 --eval-interval 3000 \
-      --eval-episodes 1 --run-name "speed_discrete_$normalizer" "$@"
-  done
-  # Multi-agent: SMAX 3s_vs_5z, 32 episodes per iteration, both critic-update modes (the dataset is made on first use).
-  for mode in sequential batched; do
-    python icq_ma_smac.py --map 3s_vs_5z --critic-updates "$mode" --total-steps 30 --log-interval 10 --eval-interval 30 \
-      --run-name "speed_ma_$mode" "$@"
-  done
-  python - <<'EOF'
-import json
-def summary(name):
-    return json.load(open(f"runs/{name}/summary.json"))
-for data in ("1k", "1M"):
-    s = summary(f"speed_continuous_{data}")
-    print(f"icq_continuous.py Hopper sizes, batch 256, {data} transitions: {s['updates_per_second']:.0f} updates/s, peak RSS {s['peak_rss_mb']:.0f} MB")
-for normalizer in ("batch", "behavior"):
-    s = summary(f"speed_discrete_{normalizer}")
-    print(f"icq_discrete.py LunarLander-v3, batch 256, --normalizer {normalizer}: {s['updates_per_second']:.0f} updates/s")
-for mode in ("sequential", "batched"):
-    s = summary(f"speed_ma_{mode}")
-    print(f"icq_ma_smac.py SMAX 3s_vs_5z, batch 32, --critic-updates {mode}: {1 / s['iterations_per_second']:.2f} s/iteration")
-EOF
+# --- Learn-grid budgets (placeholders: the lead sets the final values) -------------------------------------------------
+SEEDS="1 2 3"
+CONT_STEPS=10000;    CONT_EVAL_INTERVAL=1000; CONT_EVAL_EPISODES=10   # icq_continuous.py, LunarLanderContinuous-v3
+DISC_STEPS=10000;    DISC_EVAL_INTERVAL=1000; DISC_EVAL_EPISODES=10   # icq_discrete.py, LunarLander-v3
+MA_ITERATIONS=1000;  MA_EVAL_INTERVAL=100;    MA_EVAL_EPISODES=32     # icq_ma_smac.py, SMAX (one iteration = one batch)
+# --alpha sweeps: a few decades around each script's default, exact BC (inf) at the large end.
+SWEEP_SEEDS="1 2 3"
+CONT_SWEEP_ALPHAS="1 10 100 1000 inf"
+DISC_SWEEP_ALPHAS="0.1 1 10 100 inf"
+MA_SWEEP_ALPHAS="0.01 0.1 1 10 inf"
+# --tiny: one discrete dataset, ICQ and BC, one seed, a few steps on a small generated dataset.
+TINY_STEPS=20; TINY_DATASET_SIZE=2000
+# --- Speed: standard sizes; each measurement is repeated and the median reported -----------------------------------
+SPEED_REPEATS=3
+SPEED_CONT_STEPS=2000   # Hopper sizes (obs 11, act 3), batch 256, synthetic D4RL-layout HDF5 of 1k and 1M transitions
+SPEED_DISC_STEPS=2000   # LunarLander-v3 (obs 8, 4 actions), batch 256, both normalisers
+SPEED_MA_ITERATIONS=20  # SMAX 3s_vs_5z, 32 episodes per batch, both critic-update modes
+# --- The paper's grid: every script's own defaults / presets are the full budgets ----------------------------------
+PAPER_SEEDS="1 2 3 4 5"
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+
+# --- Run lists: each function prints one shell command per run; `prepare_*` makes each dataset once, before the grid
+# (so parallel runs never generate the same file at the same time). ----------------------------------------------------
+run() {  # run NAME SCRIPT ARGS...: one line of the list, extra args appended
+  local name=$1 script=$2; shift 2
+  printf 'python -u %s' "$script"; printf ' %q' "$@" "${EXTRA[@]}" --run-name "$name"; printf '\n'
 }
 
-continuous() {
-  # The authors' settings per domain come from --preset auto; D4RL/antmaze and D4RL/<adroit> ids are D4RL re-creations,
-  # mujoco/* ids are Gymnasium-v5 regenerations (not the paper's data).
-  for id in mujoco/hopper/medium-v0 mujoco/halfcheetah/medium-v0 mujoco/walker2d/medium-v0 D4RL/antmaze/umaze-v1 \
-            D4RL/pen/human-v2 D4RL/door/expert-v2; do
-    for seed in $SEEDS; do
-      python icq_continuous.py --dataset-id "$id" --seed "$seed" --run-name "continuous__${id//\//-}__$seed" "$@"
+learn_datasets() {  # script|dataset name|arguments that select it
+  if [ "$TINY" = 1 ]; then echo "discrete|LunarLander-v3-mixed|--quality mixed --dataset-size $TINY_DATASET_SIZE"; return; fi
+  for q in mixed medium; do echo "continuous|LunarLanderContinuous-v3-$q|--env-id LunarLanderContinuous-v3 --quality $q"; done
+  for q in mixed medium; do echo "discrete|LunarLander-v3-$q|--quality $q"; done
+  for map in 3m 2s3z; do for q in good mixed; do echo "ma|$map-$q|--map $map --quality $q --critic-updates batched"; done; done
+}
+
+budget() {  # budget SCRIPT: the step / evaluation arguments of the learn grid
+  if [ "$TINY" = 1 ]; then echo "--total-steps $TINY_STEPS --eval-interval $((TINY_STEPS / 2)) --eval-episodes 1 --log-interval 10"; return; fi
+  case $1 in
+    continuous) echo "--total-steps $CONT_STEPS --eval-interval $CONT_EVAL_INTERVAL --eval-episodes $CONT_EVAL_EPISODES" ;;
+    discrete) echo "--total-steps $DISC_STEPS --eval-interval $DISC_EVAL_INTERVAL --eval-episodes $DISC_EVAL_EPISODES" ;;
+    ma) echo "--total-steps $MA_ITERATIONS --eval-interval $MA_EVAL_INTERVAL --eval-episodes $MA_EVAL_EPISODES --threads 1" ;;
+  esac
+}
+
+script_of() { case $1 in continuous) echo icq_continuous.py ;; discrete) echo icq_discrete.py ;; ma) echo icq_ma_smac.py ;; esac; }
+
+sweep_datasets() {  # script|dataset|selection|alphas: one mixed dataset per script
+  echo "continuous|LunarLanderContinuous-v3-mixed|--env-id LunarLanderContinuous-v3 --quality mixed|$CONT_SWEEP_ALPHAS"
+  echo "discrete|LunarLander-v3-mixed|--quality mixed|$DISC_SWEEP_ALPHAS"
+  echo "ma|3m-mixed|--map 3m --quality mixed --critic-updates batched|$MA_SWEEP_ALPHAS"
+}
+
+prepare() {  # prepare learn|sweep: one 1-step run per dataset generates and caches the built-in data
+  "${1}_datasets" | while IFS='|' read -r script dataset select _; do
+    # shellcheck disable=SC2086
+    run "prepare__${script}__${dataset}" "$(script_of "$script")" $select --total-steps 1 --eval-interval 1 --eval-episodes 1 --log-interval 1
+  done
+}
+
+learn_runs() {
+  learn_datasets | while IFS='|' read -r script dataset select; do
+    local seeds=$SEEDS; [ "$TINY" = 1 ] && seeds=1
+    for method in icq bc; do for seed in $seeds; do
+      local alpha=(); [ "$method" = bc ] && alpha=(--alpha inf)  # ICQ uses the script's default alpha
+      # shellcheck disable=SC2086
+      run "learn__${script}__${dataset}__${method}__${seed}" "$(script_of "$script")" $select $(budget "$script") "${alpha[@]}" --seed "$seed"
+    done; done
+  done
+}
+
+sweep_runs() {
+  sweep_datasets | while IFS='|' read -r script dataset select alphas; do
+    for alpha in $alphas; do for seed in $SWEEP_SEEDS; do
+      # shellcheck disable=SC2086
+      run "sweep__${script}__${dataset}__alpha${alpha}__${seed}" "$(script_of "$script")" $select $(budget "$script") --alpha "$alpha" --seed "$seed"
+    done; done
+  done
+}
+
+prepare_learn() { prepare learn; }
+prepare_sweep() { prepare sweep; }
+prepare_paper() { :; }  # the paper's data is downloaded or recorded beforehand
+
+prepare_speed() {
+  echo "python -u benchmarks/aggregate.py make-hopper-data datasets/synthetic-hopper-1k.hdf5 1000"
+  echo "python -u benchmarks/aggregate.py make-hopper-data datasets/synthetic-hopper-1M.hdf5 1000000"
+  run prepare__discrete__LunarLander-v3-medium icq_discrete.py --quality medium --total-steps 1 --eval-interval 1 --eval-episodes 1 --log-interval 1
+  run prepare__ma__3s_vs_5z-medium icq_ma_smac.py --map 3s_vs_5z --quality medium --total-steps 1 --eval-interval 1 --eval-episodes 1 --log-interval 1 --threads 1
+}
+
+speed_runs() {  # speed__<script>__<config>__<icq|floor>__<repeat>; the floor runs benchmarks/aggregate.py floor
+  local r data normalizer mode
+  for r in $(seq 1 "$SPEED_REPEATS"); do
+    for data in 1k 1M; do
+      local hopper=(--dataset-path "datasets/synthetic-hopper-$data.hdf5" --env-id Hopper-v5 --batch-size 256)
+      run "speed__continuous__hopper-${data}__icq__$r" icq_continuous.py "${hopper[@]}" --total-steps "$SPEED_CONT_STEPS" \
+        --eval-interval "$SPEED_CONT_STEPS" --eval-episodes 1 --log-interval 1000
+      run "speed__continuous__hopper-${data}__floor__$r" benchmarks/aggregate.py floor continuous "${hopper[@]}" --total-steps "$SPEED_CONT_STEPS"
+    done
+    for normalizer in batch behavior; do
+      local lunar=(--quality medium --normalizer "$normalizer" --batch-size 256)
+      run "speed__discrete__lunarlander-${normalizer}__icq__$r" icq_discrete.py "${lunar[@]}" --total-steps "$SPEED_DISC_STEPS" \
+        --eval-interval "$SPEED_DISC_STEPS" --eval-episodes 1 --log-interval 1000
+      run "speed__discrete__lunarlander-${normalizer}__floor__$r" benchmarks/aggregate.py floor discrete "${lunar[@]}" --total-steps "$SPEED_DISC_STEPS"
+    done
+    for mode in sequential batched; do
+      local smax=(--map 3s_vs_5z --quality medium --critic-updates "$mode" --batch-size 32 --threads 1)
+      run "speed__ma__3s_vs_5z-${mode}__icq__$r" icq_ma_smac.py "${smax[@]}" --total-steps "$SPEED_MA_ITERATIONS" \
+        --eval-interval "$SPEED_MA_ITERATIONS" --eval-episodes 1 --log-interval 10
+      run "speed__ma__3s_vs_5z-${mode}__floor__$r" benchmarks/aggregate.py floor ma "${smax[@]}" --total-steps "$SPEED_MA_ITERATIONS"
     done
   done
 }
 
-discrete() {
-  # ICQ (--alpha 10) and behaviour cloning (--alpha 1e6) on the built-in LunarLander-v3 data, both normalisers.
-  for quality in mixed medium; do for normalizer in batch behavior; do for algo in icq bc; do for seed in $SEEDS; do
-    alpha=10; [ "$algo" = bc ] && alpha=1000000
-    python icq_discrete.py --quality "$quality" --normalizer "$normalizer" --alpha "$alpha" --seed "$seed" \
-      --run-name "discrete__LunarLander-v3-${quality}__${normalizer}__${algo}__${seed}" "$@"
-  done; done; done; done
+paper_runs() {
+  # D4RL locomotion: Minari holds only Gymnasium-v5 regenerations (mujoco/*), not the paper's data, so the original
+  # D4RL v2 files are read with --dataset-path (download them into datasets/d4rl/) and evaluated in the v5 envs.
+  local seed task data id map
+  for seed in $PAPER_SEEDS; do
+    for task in hopper halfcheetah walker2d; do for data in medium medium-replay medium-expert; do
+      local env; case $task in hopper) env=Hopper-v5 ;; halfcheetah) env=HalfCheetah-v5 ;; walker2d) env=Walker2d-v5 ;; esac
+      run "paper__continuous__$task-$data-v2__icq__$seed" icq_continuous.py --dataset-path "datasets/d4rl/$task-$data-v2.hdf5" --env-id "$env" --seed "$seed"
+    done; done
+    # AntMaze (six datasets) and Adroit (four tasks x human/cloned) through Minari's D4RL re-creations.
+    for id in antmaze/umaze-v1 antmaze/umaze-diverse-v1 antmaze/medium-play-v1 antmaze/medium-diverse-v1 \
+              antmaze/large-play-v1 antmaze/large-diverse-v1 pen/human-v2 pen/cloned-v2 hammer/human-v2 hammer/cloned-v2 \
+              door/human-v2 door/cloned-v2 relocate/human-v2 relocate/cloned-v2; do
+      run "paper__continuous__${id//\//-}__icq__$seed" icq_continuous.py --dataset-id "D4RL/$id" --seed "$seed"
+    done
+    # SMAC (StarCraft II 4.10) with PyMARL episode files recorded on the same build: datasets/smac/<map>.h5.
+    for map in 3s_vs_5z 2s3z 3s5z 5m_vs_6m 6h_vs_8z 2c_vs_64zg MMM2 corridor; do
+      run "paper__ma__${map}__icq__$seed" icq_ma_smac.py --env-backend smac --map "$map" --dataset "datasets/smac/$map.h5" --seed "$seed"
+    done
+  done
 }
 
-smax() {
-  # ICQ-MA (--alpha 0.1) and behaviour cloning (--alpha 1e6) on SMAX 3s_vs_5z, medium and mixed data.
-  for quality in medium mixed; do for algo in icq bc; do for seed in $SEEDS; do
-    alpha=0.1; [ "$algo" = bc ] && alpha=1000000
-    python icq_ma_smac.py --map 3s_vs_5z --quality "$quality" --alpha "$alpha" --seed "$seed" \
-      --run-name "smax__3s_vs_5z-${quality}__${algo}__${seed}" "$@"
-  done; done; done
+# --- Launchers ------------------------------------------------------------------------------------------------------
+task() {  # task LIST INDEX: run line INDEX of LIST, logging to runs/logs/<run_name>.log
+  local line name start rc=0
+  line=$(sed -n "${2}p" "$1")
+  name=$(grep -o -- '--run-name [^ ]*' <<<"$line" | cut -d' ' -f2) || name=$(basename "$1" .txt)_$2
+  mkdir -p runs/logs
+  start=$(date +%s)
+  PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} bash -c "$line" >"runs/logs/$name.log" 2>&1 || rc=$?
+  echo "$([ $rc = 0 ] && echo done || echo "FAILED (exit $rc)") $name in $(($(date +%s) - start))s, log runs/logs/$name.log"
+  return $rc
 }
 
-table() {
-  python - "$@" <<'EOF'
-import collections, glob, json, statistics
-groups = collections.defaultdict(list)
-for path in sorted(glob.glob("runs/*/summary.json")):
-    s = json.load(open(path))
-    name = s["run_name"].rsplit("__", 1)[0]  # result runs are named <group>__<seed>
-    groups[name].append(s)
-def fmt(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    return f"{statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
-print("| run | seeds | final | best | rate (/s) |")
-print("|---|---|---|---|---|")
-for name, runs in groups.items():
-    final = [r.get("final_score", r.get("final_win_rate")) for r in runs]
-    best = [r.get("best_score", r.get("best_win_rate")) for r in runs]
-    rate = [r.get("updates_per_second", r.get("iterations_per_second")) for r in runs]
-    print(f"| {name} | {len(runs)} | {fmt(final)} | {fmt(best)} | {fmt(rate)} |")
-EOF
+aggregate() {  # aggregate SUBCOMMAND LIST
+  local out=benchmarks; [ "$TINY" = 1 ] && out=runs/tiny
+  python -u benchmarks/aggregate.py "$1" "$2" --out-dir "$out"
 }
 
-plot() {
-  python - <<'EOF'
-import collections, glob, json, os
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-import numpy as np
-groups = collections.defaultdict(list)
-for path in sorted(glob.glob("runs/*/summary.json")):
-    s = json.load(open(path))
-    groups[s["run_name"].rsplit("__", 1)[0]].append(s["evaluations"])
-os.makedirs("runs/plots", exist_ok=True)
-for name, runs in groups.items():
-    metric = next(k for k in ("win_rate", "score", "return") if runs[0] and runs[0][0].get(k) is not None)
-    steps = [e["step"] for e in runs[0]]
-    values = np.array([[e[metric] for e in run] for run in runs if len(run) == len(steps)], dtype=float)
-    mean, std = values.mean(0), values.std(0)
-    plt.figure(figsize=(5, 3.5))
-    plt.plot(steps, mean)
-    plt.fill_between(steps, mean - std, mean + std, alpha=0.3)
-    plt.xlabel("step"), plt.ylabel(f"eval {metric}"), plt.title(f"{name} ({len(values)} seeds)", fontsize=9)
-    plt.tight_layout()
-    plt.savefig(f"runs/plots/{name}.png", dpi=100)
-    plt.close()
-    print(f"runs/plots/{name}.png")
-EOF
+launch() {  # launch SUBCOMMAND PREPARE_LIST RUN_LIST
+  local n_prep n_runs; n_prep=$(wc -l <"$2"); n_runs=$(wc -l <"$3")
+  echo "$1: $n_prep preparation runs, then $n_runs runs ($3); launcher $LAUNCHER"
+  if [ "$LAUNCHER" = local ]; then
+    local rc=0
+    seq 1 "$n_prep" | xargs -r -P "$WORKERS" -I{} bash benchmark.sh _task "$2" {} || rc=1
+    seq 1 "$n_runs" | xargs -r -P "$WORKERS" -I{} bash benchmark.sh _task "$3" {} || rc=1
+    aggregate "$1" "$3"
+    return $rc
+  fi
+  command -v sbatch >/dev/null || { echo "error: --launcher slurm needs sbatch on PATH" >&2; exit 1; }
+  local limit="" prep main tiny=""; [ -n "$WORKERS" ] && limit="%$WORKERS"; [ "$TINY" = 1 ] && tiny=--tiny
+  mkdir -p runs/slurm
+  # shellcheck disable=SC2086
+  local common=(--parsable --chdir "$PWD" --output "runs/slurm/%x_%A_%a.out") after=() rc=0 agg
+  # shellcheck disable=SC2086
+  if [ "$n_prep" -gt 0 ]; then
+    prep=$(sbatch "${common[@]}" $SBATCH_ARGS --job-name "icq-$1-prepare" --array "1-$n_prep$limit" \
+      --wrap "bash benchmark.sh _task $2 \$SLURM_ARRAY_TASK_ID")
+    after=(--dependency "afterany:${prep%%;*}")
+  fi
+  # shellcheck disable=SC2086
+  main=$(sbatch "${common[@]}" $SBATCH_ARGS --job-name "icq-$1" "${after[@]}" --array "1-$n_runs$limit" \
+    --wrap "bash benchmark.sh _task $3 \$SLURM_ARRAY_TASK_ID")
+  echo "submitted array job ${main%%;*} (one task per run); logs in runs/logs/, the aggregation job runs after it"
+  # shellcheck disable=SC2086
+  agg=$(sbatch "${common[@]}" $SBATCH_ARGS $WAIT --job-name "icq-$1-aggregate" --output "runs/slurm/%x_%j.out" \
+    --dependency "afterany:${main%%;*}" --wrap "bash benchmark.sh _aggregate $1 $3 $tiny") || rc=$?
+  agg=${agg%%;*}
+  if [ -n "$WAIT" ]; then cat "runs/slurm/icq-$1-aggregate_$agg.out"; else echo "aggregation job $agg"; fi
+  return $rc
 }
 
-"${1:-speed}" "${@:2}"
+# --- Command line -----------------------------------------------------------------------------------------------------
+cmd=${1:-}; [ $# -gt 0 ] && shift
+case $cmd in
+  _task) task "$@"; exit ;;
+  -h | --help | help | "") usage; exit 0 ;;
+esac
+LAUNCHER=local WORKERS="" TINY=0 SWEEP=0 DRY_RUN=0 WAIT=--wait SBATCH_ARGS="" EXTRA=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --launcher) LAUNCHER=$2; shift 2 ;;
+    --workers) WORKERS=$2; shift 2 ;;
+    --tiny) TINY=1; shift ;;
+    --sweep) SWEEP=1; shift ;;
+    --dry-run | --list) DRY_RUN=1; shift ;;
+    --no-wait) WAIT=""; shift ;;
+    --sbatch-args) SBATCH_ARGS=$2; shift 2 ;;
+    -h | --help) usage; exit 0 ;;
+    *) EXTRA+=("$1"); shift ;;
+  esac
+done
+case $LAUNCHER in local | slurm) ;; *) echo "error: --launcher must be local or slurm (got $LAUNCHER)" >&2; exit 2 ;; esac
+if [ "$cmd" = _aggregate ]; then aggregate "${EXTRA[@]:0:2}"; exit; fi
+[ "$LAUNCHER" = local ] && [ -z "$WORKERS" ] && { WORKERS=2; [ "$cmd" = speed ] && WORKERS=1; }
+[ "$cmd" = learn ] && [ "$SWEEP" = 1 ] && cmd=sweep
+case $cmd in
+  learn | sweep | speed | paper) ;;
+  *) echo "error: unknown subcommand '$cmd' (see bash benchmark.sh --help)" >&2; exit 2 ;;
+esac
+
+if [ "$DRY_RUN" = 1 ]; then
+  "prepare_$cmd"
+  "${cmd}_runs"
+  exit 0
+fi
+mkdir -p runs/lists
+suffix=""; [ "$TINY" = 1 ] && suffix=_tiny
+prep_list=runs/lists/$cmd${suffix}_prepare.txt run_list=runs/lists/$cmd$suffix.txt
+"prepare_$cmd" >"$prep_list"
+"${cmd}_runs" >"$run_list"
+launch "$cmd" "$prep_list" "$run_list"
