@@ -8,13 +8,18 @@ import torch
 
 from conftest import assert_user_error, run_script
 from icq_ma_smac import (
+    CONTROLLERS,
     Actor,
+    Critic,
     Mixer,
     SmacAdapter,
+    SmaxAdapter,
     actor_loss,
     critic_targets,
     evaluate,
+    generate_smax_dataset,
     icq_weights,
+    load_dataset,
     previous_actions_onehot,
     td_lambda_targets,
     transition_mask,
@@ -95,23 +100,23 @@ def critic_inputs(seed=0, B=5, T=8, N=2, A=4):
 
 def test_critic_target_with_infinite_temperature_is_sarsa_lambda():
     target_q, actions, k, bias, rewards, terminated, mask = critic_inputs()
-    got = critic_targets(target_q, actions, k, bias, rewards, terminated, mask, 0.99, 0.75, critic_alpha=1e12)
+    got = critic_targets(target_q, actions, k, bias, rewards, terminated, mask, 0.99, 0.75, critic_alpha=1e12)[0]
     q_tot = (k * target_q.gather(-1, actions.unsqueeze(-1)).squeeze(-1)).sum(-1)
     torch.testing.assert_close(got, td_lambda_targets(rewards, terminated, mask, q_tot, 0.99, 0.75))
-    low = critic_targets(target_q, actions, k, bias, rewards, terminated, mask, 0.99, 0.75, critic_alpha=0.1)
+    low = critic_targets(target_q, actions, k, bias, rewards, terminated, mask, 0.99, 0.75, critic_alpha=0.1)[0]
     assert not torch.allclose(low, got)  # a finite temperature does reweight
 
 
 def test_critic_never_reads_q_outside_the_data():
     target_q, actions, k, bias, rewards, terminated, mask = critic_inputs()
-    base = critic_targets(target_q, actions, k, bias, rewards, terminated, mask, 0.99, 0.75, 1.0)
+    base = critic_targets(target_q, actions, k, bias, rewards, terminated, mask, 0.99, 0.75, 1.0)[0]
     poisoned = torch.full_like(target_q, 1e6)
     poisoned.scatter_(-1, actions.unsqueeze(-1), target_q.gather(-1, actions.unsqueeze(-1)))
-    torch.testing.assert_close(critic_targets(poisoned, actions, k, bias, rewards, terminated, mask, 0.99, 0.75, 1.0), base)
+    torch.testing.assert_close(critic_targets(poisoned, actions, k, bias, rewards, terminated, mask, 0.99, 0.75, 1.0)[0], base)
     # ... and the dataset action's value at a bootstrapped row does matter
     changed = target_q.clone()
     changed[0, 2, 0, actions[0, 2, 0]] += 5.0
-    assert not torch.allclose(critic_targets(changed, actions, k, bias, rewards, terminated, mask, 0.99, 0.75, 1.0), base)
+    assert not torch.allclose(critic_targets(changed, actions, k, bias, rewards, terminated, mask, 0.99, 0.75, 1.0)[0], base)
 
 
 def test_transition_mask_pymarl_layout():
@@ -166,26 +171,80 @@ def actor_inputs(seed=0, B=6, T=5, N=2, A=4):
 
 def test_actor_loss_masks_padding_and_unavailable_actions():
     logits, avail, actions, q, k, mask = actor_inputs()
-    loss = actor_loss(logits, avail, actions, q, k, mask, 0.1)
+    loss, _ = actor_loss(logits, avail, actions, q, k, mask, 0.1)
     loss.backward()
     assert (logits.grad[~avail] == 0).all()  # unavailable actions are outside the softmax
     assert (logits.grad[mask == 0] == 0).all()
     junk_logits, junk_q = logits.detach().clone(), q.clone()
     junk_logits[~avail], junk_q[~avail] = 1e3, 1e3
     junk_logits[mask == 0], junk_q[mask == 0] = 7.0, -1e3
-    torch.testing.assert_close(actor_loss(junk_logits, avail, actions, junk_q, k, mask, 0.1), loss.detach())
+    torch.testing.assert_close(actor_loss(junk_logits, avail, actions, junk_q, k, mask, 0.1)[0], loss.detach())
 
 
 def test_actor_loss_is_weighted_behaviour_cloning():
     logits, avail, actions, q, k, mask = actor_inputs()
     log_pi = torch.log_softmax(logits.detach().masked_fill(~avail, -torch.inf), -1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
     m = mask.unsqueeze(-1).expand_as(k)
-    bc = -(k * log_pi * m).sum() / m.sum()  # alpha -> inf: every ICQ weight is 1
-    torch.testing.assert_close(actor_loss(logits, avail, actions, q, k, mask, 1e9), bc)
-    inside = actor_loss(logits, avail, actions, q, k, mask, 1e9, weight_in_exponent=True)
+    k_weighted = -(k * log_pi * m).sum() / m.sum()  # alpha -> inf: every batch-softmax weight is 1, k_i remains
+    torch.testing.assert_close(actor_loss(logits, avail, actions, q, k, mask, 1e9)[0], k_weighted)
+    inside, _ = actor_loss(logits, avail, actions, q, k, mask, 1e9, weight_in_exponent=True)
     torch.testing.assert_close(inside, -(log_pi * m).sum() / m.sum())
     # a small alpha puts the weight on the episodes with the largest advantage
-    assert not torch.allclose(actor_loss(logits, avail, actions, q, k, mask, 0.01), bc)
+    assert not torch.allclose(actor_loss(logits, avail, actions, q, k, mask, 0.01)[0], k_weighted)
+
+
+@pytest.mark.parametrize("weight_in_exponent", [False, True])
+def test_alpha_inf_is_exact_behaviour_cloning(weight_in_exponent):
+    """--alpha inf: every agent's log-likelihood has weight exactly 1, the mixer weight k_i included."""
+    logits, avail, actions, q, k, mask = actor_inputs()
+    log_pi = torch.log_softmax(logits.detach().masked_fill(~avail, -torch.inf), -1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    m = mask.unsqueeze(-1).expand_as(k)
+    loss, weight = actor_loss(logits, avail, actions, q * 100, k, mask, float("inf"), weight_in_exponent)
+    assert torch.equal(weight, m)  # exactly 1 on valid (t, i), 0 on padding
+    torch.testing.assert_close(loss, -(log_pi * m).sum() / m.sum())
+
+
+def train_matrix_game(alpha, iterations=300, episodes=200, seed=0):
+    """A one-step cooperative 2-agent, 3-action matrix game: joint action (0, 0) pays 1, (1, 1) pays 0.5, the rest 0.
+    The offline data are 70 % (1, 1), 20 % (0, 0) and 10 % uniform joint actions. Trains the critic on the ICQ-MA
+    target and the actor on the ICQ-MA loss over the whole data, and returns the greedy joint action."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    kind = torch.multinomial(torch.tensor([0.7, 0.2, 0.1]), episodes, replacement=True, generator=g)
+    joint = torch.where((kind == 0)[:, None], 1, 0).repeat(1, 2)
+    joint[kind == 2] = torch.randint(3, (int((kind == 2).sum()), 2), generator=g)
+    payoff = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 0.0]])
+    actions = torch.stack([joint, torch.zeros_like(joint)], 1)  # rows: the step, then the final row (dummy action)
+    reward = (payoff[joint[:, 0], joint[:, 1]] * 10)[:, None]  # x 10, as the script scales SMAX rewards
+    terminated, mask = torch.ones(episodes, 1), torch.ones(episodes, 1)
+    obs, state = torch.ones(episodes, 2, 2, 1), torch.ones(episodes, 2, 1)
+    avail = torch.ones(episodes, 2, 2, 3, dtype=torch.bool)
+    actor, critic, mixer = Actor(1, 3, 2, hidden=16), Critic(1, 1, 3, 2, hidden=32), Mixer(1, 2)
+    critic_opt = torch.optim.Adam(list(critic.parameters()) + list(mixer.parameters()), lr=3e-3)
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=1e-2)
+    for _ in range(iterations):
+        with torch.no_grad():
+            k_target, b_target = mixer(state)
+            targets, _ = critic_targets(critic(state, obs), actions, k_target, b_target, reward, terminated, mask, 0.99, 0.75, 1000.0)
+        k, b = mixer(state[:, :-1])
+        q_tot = (k * critic(state[:, :-1], obs[:, :-1]).gather(-1, actions[:, :-1, :, None]).squeeze(-1)).sum(-1) + b
+        critic_opt.zero_grad()
+        ((q_tot - targets) ** 2).mean().backward()
+        critic_opt.step()
+    for _ in range(iterations):
+        with torch.no_grad():
+            q_values, (k, _) = critic(state[:, :-1], obs[:, :-1]), mixer(state[:, :-1])
+        logits, _ = actor(obs[:, :-1], previous_actions_onehot(actions[:, :-1], 3))
+        loss, _ = actor_loss(logits, avail[:, :-1], actions[:, :-1], q_values, k, mask, alpha)
+        actor_opt.zero_grad()
+        loss.backward()
+        actor_opt.step()
+    return tuple(actor(obs[:1, :1], torch.zeros(1, 1, 2, 3))[0][0, 0].argmax(-1).tolist())
+
+
+def test_matrix_game_icq_finds_the_minority_best_joint_action_and_bc_the_majority():
+    assert train_matrix_game(0.1) == (0, 0)  # the best joint action in the data (20 % of it)
+    assert train_matrix_game(float("inf")) == (1, 1)  # exact BC: the data's majority
 
 
 def test_fused_gru_matches_step_by_step():
@@ -318,11 +377,12 @@ def test_tiny_smax_run_end_to_end(tmp_path, jax_env):
     out = run_script(SCRIPT, "--map", "3s_vs_5z", "--alpha", 0.1, "--dataset-episodes", 6, "--run-name", "tiny", *TINY,
                      cwd=tmp_path, env=jax_env)
     assert out.stdout.count("env backend: smax") == 1  # auto says which backend, once
-    with h5py.File(tmp_path / "datasets/smax_3s_vs_5z_medium.h5") as f:
+    with h5py.File(tmp_path / "datasets/smax_3s_vs_5z_medium_v2.h5") as f:
         assert f["obs"].shape[0] == 6 and f["obs"].shape[2:] == (N_AGENTS, OBS) and f["state"].shape[2] == STATE
         for attr in ("map_name", "backend", "episode_limit", "quality", "behaviour_win_rate", "behaviour_mean_return", "seed", "jaxmarl_version"):
             assert attr in f.attrs
         assert f.attrs["episode_limit"] == 250 and f.attrs["quality"] == "medium"
+        assert (f["controller"][:] == 0).all() and list(f.attrs["controller_names"])[0] == "focus_kite"
         filled = f["filled"][:, :, 0].sum(1)
         assert f["obs"].shape[1] == filled.max()  # trimmed to the longest episode's rows
         assert np.abs(f["state"][:]).max() <= 1.0 + 1e-3  # normalised world state
@@ -330,6 +390,7 @@ def test_tiny_smax_run_end_to_end(tmp_path, jax_env):
     for key in ("final_win_rate", "best_win_rate", "final_return", "iterations_per_second", "wall_seconds", "peak_rss_mb"):
         assert summary[key] is not None, key
     assert 0 <= summary["final_win_rate"] <= summary["best_win_rate"] <= 1
+    assert summary["reward_scale"] == 10.0 and summary["dataset_return"] >= 0  # SMAX rewards scaled to SMAC's
     assert [e["step"] for e in summary["evaluations"]] == [2, 4]
     assert list((tmp_path / "runs/tiny").glob("events.out.tfevents.*"))
 
@@ -357,3 +418,43 @@ def test_bad_datasets(tmp_path, jax_env):
     write_pymarl_h5(tmp_path / "nan.h5", nan_reward=True)
     assert_user_error(run_script(SCRIPT, "--env-backend", "smax", "--dataset", "nan.h5", *TINY, cwd=tmp_path, env=jax_env, check=False),
                       "non-finite loss", "iteration 1")
+
+
+def test_raw_world_state_files_load_normalised(tmp_path):
+    """A file whose `state` is env.get_world_state as is loads as the state SmaxAdapter observes; other sizes fail."""
+    import jax
+
+    adapter = SmaxAdapter("3s_vs_5z")
+    keys = jax.random.split(jax.random.PRNGKey(3), 6)
+    states = [adapter.env.reset(key)[1] for key in keys]
+    raw = np.stack([np.asarray(adapter.env.get_world_state(st)) for st in states])
+    observed = np.stack([np.asarray(adapter.observe(st)[1]) for st in states])
+    assert raw.shape[1] == adapter.raw_state[0] == 96 and observed.shape[1] == STATE
+    write_pymarl_h5(tmp_path / "raw.h5", episodes=6, rows=12, state=96)
+    with h5py.File(tmp_path / "raw.h5", "r+") as f:
+        state = f["state"][:]
+        state[:, 0] = raw  # the first row of each episode holds a real world state
+        f["state"][...] = state
+        reward = f["reward"][:]
+    data = load_dataset(str(tmp_path / "raw.h5"), adapter.info, "3s_vs_5z", "smax", torch.device("cpu"), 10.0, adapter.raw_state)
+    assert data["state"].shape[-1] == STATE
+    np.testing.assert_allclose(data["state"][:, 0].numpy(), observed, atol=1e-6)
+    np.testing.assert_allclose(data["reward"].numpy(), reward[:, : data["reward"].shape[1], 0] * 10.0, rtol=1e-6)  # --reward-scale 10
+    write_pymarl_h5(tmp_path / "odd.h5", state=90)
+    with pytest.raises(SystemExit, match="state_shape 90 \\(dataset\\) vs 80 \\(env, or 96 for its raw world state\\)"):
+        load_dataset(str(tmp_path / "odd.h5"), adapter.info, "3s_vs_5z", "smax", torch.device("cpu"), 1.0, adapter.raw_state)
+
+
+def test_strategy_mixed_dataset(tmp_path, capfd):
+    """--quality mixed on 3m: every controller plays, its id is stored, its win rate printed, the good one is a minority."""
+    path = str(tmp_path / "mixed.h5")
+    win_rate, _, not_majority = generate_smax_dataset(path, "3m", "mixed", 20, seed=0)
+    out = capfd.readouterr().out
+    with h5py.File(path) as f:
+        assert list(f.attrs["controller_names"]) == list(CONTROLLERS)
+        counts = np.bincount(f["controller"][:], minlength=len(CONTROLLERS))
+        assert counts.sum() == 20 and (counts > 0).all() and counts[0] / 20 <= 0.25
+        assert f.attrs["good_not_majority_fraction"] == not_majority > 0.5  # a worse controller's action is the majority
+        assert f.attrs["behaviour_win_rate"] == win_rate
+    for name in CONTROLLERS:
+        assert f"{name}: {counts[CONTROLLERS.index(name)]} episodes, win rate" in out
