@@ -4,13 +4,16 @@
 The critic evaluates pi* = mu * exp(Q / alpha) / Z with importance weights on dataset actions only (eq. 10), and the
 actor is extracted by weighted behaviour cloning. Z is either the batch softmax of the authors' code
 (`--normalizer batch`) or the exact per-state sum_b mu(b|s) exp(Q(s,b)/alpha) with mu a learned behaviour model
-(`--normalizer behavior`). Data: a Minari id or a built-in LunarLander-v3 dataset generated under datasets/.
+(`--normalizer behavior`). Data: a Minari id, a D4RL-layout HDF5 file, or a built-in LunarLander-v3 dataset generated
+under datasets/.
 """
 import copy
 import json
+import math
 import os
 import random
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -50,10 +53,12 @@ class Args:
     # Algorithm specific arguments
     dataset_id: Optional[str] = None
     """a Minari dataset id with a Discrete action space (already downloaded); unset: the built-in --env-id/--quality data"""
+    dataset_path: Optional[str] = None
+    """a D4RL-layout HDF5 file (observations, integer actions, rewards, terminals, timeouts); evaluated on --env-id"""
     env_id: str = "LunarLander-v3"
-    """the built-in dataset's env (generated into datasets/ when missing); only LunarLander-v3"""
+    """the evaluation env of --dataset-path, or the built-in dataset's env (generated into datasets/; only LunarLander-v3)"""
     quality: Literal["expert", "medium", "mixed"] = "mixed"
-    """built-in dataset: heuristic lander with epsilon-random actions, epsilon 0.05 / 0.25 / uniform in [0, 1] per episode"""
+    """built-in dataset: heuristic lander with epsilon 0.05 / 0.25 random actions, or a mixture of distinct policies"""
     dataset_size: int = 100_000
     """transitions in a built-in dataset (whole episodes, so slightly more)"""
     normalizer: Literal["batch", "behavior"] = "batch"
@@ -63,9 +68,13 @@ class Args:
     batch_size: int = 256
     """minibatch size; the batch softmax normalises over it"""
     alpha: float = 10.0
-    """actor temperature on the advantage (very large, e.g. 1e6: plain behaviour cloning)"""
-    critic_alpha: float = 1000.0
-    """critic temperature of the importance weight rho on Q'(s', a')"""
+    """actor temperature on the advantage; inf is exact behaviour cloning (every weight exactly 1)"""
+    critic_alpha: float = 100.0
+    """critic temperature of the importance weight rho on Q'(s', a') (README: 10..10000 measured on the mixed data)"""
+    critic_weight_scale: float = 1.0
+    """batch normaliser: rho = scale * n * softmax_batch(Q'/T) (the authors' MuJoCo code uses 0.5)"""
+    clip_critic_weights: bool = True
+    """batch normaliser: clamp rho to [0, 1] as the authors' code does (unclipped, single weights reach n and diverge)"""
     gamma: float = 0.99
     """the discount factor"""
     tau: float = 0.005
@@ -80,11 +89,21 @@ class Args:
     """episodes per evaluation (greedy actions)"""
     log_interval: int = 1000
     """gradient steps between progress lines and TensorBoard scalars"""
+    threads: int = 1
+    """torch CPU threads (256-wide networks: one thread is as fast as more and leaves the other cores free)"""
 
 
-# Built-in data: gymnasium's heuristic lander whose every action is replaced by a uniform random one with probability
-# epsilon; "mixed" draws epsilon per episode, so it holds near-expert and near-random episodes side by side.
-EPSILON = {"expert": lambda rng: 0.05, "medium": lambda rng: 0.25, "mixed": lambda rng: rng.uniform()}
+# Built-in data. expert / medium: gymnasium's heuristic lander whose every action is replaced by a uniform random one with
+# probability epsilon (greedy BC recovers the heuristic from such data). mixed: whole episodes of distinct policies, each
+# episode's policy drawn with these shares; the heuristic is a minority and the majority never fires the main engine, so
+# where the heuristic would brake the data's most common action is a worse one (offline RL's case, not BC's).
+EPSILON = {"expert": 0.05, "medium": 0.25}
+MIXED_SHARES = {"heuristic": 0.25, "no-main-engine": 0.5, "random": 0.25}
+MIXED_POLICIES = {  # (heuristic action h, rng) -> action
+    "heuristic": lambda h, rng: h,
+    "no-main-engine": lambda h, rng: 0 if h == 2 else h,  # the heuristic, but it never fires the main engine: crashes
+    "random": lambda h, rng: int(rng.integers(4)),
+}
 # eval/normalized_score = 100 (return - random) / (heuristic - random). Measured once on LunarLander-v3 (gymnasium 1.4.0,
 # box2d 2.3.10): mean return over 1000 episodes, env.reset(seed=i) for i = 0..999, of uniform random actions
 # (np.random.default_rng(0)) and of gymnasium.envs.box2d.lunar_lander.heuristic; standard errors 3.5 and 2.9.
@@ -96,13 +115,16 @@ def fail(msg):
 
 
 def resolve_args(args):
-    if args.alpha <= 0 or args.critic_alpha <= 0:
+    if not args.alpha > 0 or not 0 < args.critic_alpha < math.inf:
         fail(f"--alpha and --critic-alpha are temperatures and must be > 0 (got {args.alpha}, {args.critic_alpha}); "
-             "use a very large --alpha such as 1e6 for behaviour cloning")
-    if min(args.batch_size, args.total_steps, args.eval_interval, args.log_interval, args.eval_episodes, args.dataset_size) < 1:
-        fail("--batch-size, --total-steps, --eval-interval, --log-interval, --eval-episodes and --dataset-size must be >= 1")
-    if args.dataset_id is None and args.env_id != "LunarLander-v3":
-        fail(f"no built-in dataset for --env-id {args.env_id}: use LunarLander-v3, or a Minari id with --dataset-id")
+             "--alpha inf is exact behaviour cloning")
+    if min(args.batch_size, args.total_steps, args.eval_interval, args.log_interval, args.eval_episodes, args.dataset_size, args.threads) < 1:
+        fail("--batch-size, --total-steps, --eval-interval, --log-interval, --eval-episodes, --dataset-size and --threads must be >= 1")
+    if args.dataset_id is not None and args.dataset_path is not None:
+        fail("pass one of --dataset-id and --dataset-path")
+    if args.dataset_id is None and args.dataset_path is None and args.env_id != "LunarLander-v3":
+        fail(f"no built-in dataset for --env-id {args.env_id}: use LunarLander-v3, a Minari id with --dataset-id, "
+             "or a D4RL-layout HDF5 file with --dataset-path")
     return args
 
 
@@ -135,36 +157,86 @@ def episode_transitions(obs, actions, rewards, terminals):
 
 
 def builtin_episodes(env_id, quality, size):
-    """Roll out the epsilon-heuristic lander for `size` transitions once, cached as datasets/{env}-{quality}-{size}.npz."""
+    """Roll out the built-in policies for `size` transitions once, cached under datasets/.
+
+    Returns the episodes and {policy: mean episode return}. The mixed data also stores the fraction of its states where
+    the heuristic's action is the mixture's most likely action sum_k share_k pi_k(a|s) (what greedy BC imitates).
+    """
     from gymnasium.envs.box2d.lunar_lander import heuristic
 
-    path = f"datasets/{env_id}-{quality}-{size}.npz"
+    path = f"datasets/{env_id}-{quality}-{size}.npz" if quality != "mixed" else f"datasets/{env_id}-mixed-policies-{size}.npz"
     if not os.path.exists(path):
-        print(f"generating {path}")
-        env, rng = gym.make(env_id), np.random.default_rng(list(EPSILON).index(quality))
-        obs, actions, rewards, terminals, lengths = [], [], [], [], []
+        print(f"generating {path}", flush=True)
+        env, rng = gym.make(env_id), np.random.default_rng(["expert", "medium", "mixed"].index(quality))
+        obs, actions, rewards, terminals, lengths, policies, heuristic_actions = [], [], [], [], [], [], []
         while len(actions) < size:
-            epsilon = EPSILON[quality](rng)
+            policy = rng.choice(list(MIXED_SHARES), p=list(MIXED_SHARES.values())) if quality == "mixed" else f"heuristic-epsilon-{EPSILON[quality]}"
             o, _ = env.reset(seed=1_000_000 + len(lengths))  # evaluation uses seeds near 10_000
             obs.append(o)
             done = False
             while not done:
-                a = int(rng.integers(env.action_space.n)) if rng.uniform() < epsilon else heuristic(env, o)
+                h = heuristic(env, o)
+                if quality == "mixed":
+                    a = MIXED_POLICIES[policy](h, rng)
+                else:
+                    a = int(rng.integers(env.action_space.n)) if rng.uniform() < EPSILON[quality] else h
                 o, r, terminated, truncated, _ = env.step(a)
-                obs.append(o), actions.append(a), rewards.append(r), terminals.append(terminated)
+                obs.append(o), actions.append(a), rewards.append(r), terminals.append(terminated), heuristic_actions.append(h)
                 done = terminated or truncated
-            lengths.append(len(actions) - sum(lengths))
+            lengths.append(len(actions) - sum(lengths)), policies.append(policy)
+        h = np.array(heuristic_actions)
+        mixture = sum(share * (np.full((len(h), 4), 0.25) if k == "random" else np.eye(4)[[MIXED_POLICIES[k](a, None) for a in h]])
+                      for k, share in MIXED_SHARES.items())
         os.makedirs("datasets", exist_ok=True)
         with open(path + ".tmp", "wb") as f:  # atomic, so a concurrent run never reads half a file
             np.savez(f, obs=np.array(obs, np.float32), actions=np.array(actions), rewards=np.array(rewards, np.float32),
-                     terminals=np.array(terminals), lengths=np.array(lengths))
+                     terminals=np.array(terminals), lengths=np.array(lengths), policies=np.array(policies),
+                     heuristic_is_majority=np.mean(mixture.argmax(1) == h) if quality == "mixed" else 1.0)
         os.replace(path + ".tmp", path)
     with np.load(path) as npz:
         d = {k: npz[k] for k in npz.files}  # each npz[k] re-reads the file: read every array once
     ends = np.cumsum(d["lengths"])
     # Episode i owns rows start..end of actions and start+i..end+i of obs (each episode has one extra observation).
-    return [(d["obs"][start + i : end + i + 1], d["actions"][start:end], d["rewards"][start:end], d["terminals"][start:end])
-            for i, (start, end) in enumerate(zip(ends - d["lengths"], ends))]
+    episodes = [(d["obs"][start + i : end + i + 1], d["actions"][start:end], d["rewards"][start:end], d["terminals"][start:end])
+                for i, (start, end) in enumerate(zip(ends - d["lengths"], ends))]
+    returns = np.array([ep[2].sum() for ep in episodes])
+    policies = d.get("policies", np.full(len(episodes), f"heuristic-epsilon-{EPSILON.get(quality)}"))  # caches before policies
+    components = {str(p): float(returns[policies == p].mean()) for p in np.unique(policies)}
+    return episodes, components, float(d.get("heuristic_is_majority", 1.0))
+
+
+def load_d4rl_hdf5(path):
+    """A D4RL-layout HDF5 file -> episodes. The file is one long array; an episode ends at a terminal or a timeout."""
+    import h5py
+
+    if not os.path.isfile(path):
+        fail(f"--dataset-path {path}: no such file")
+    with h5py.File(path, "r") as f:
+        missing = [k for k in ("observations", "actions", "rewards", "terminals", "timeouts") if k not in f]
+        if missing:
+            fail(f"{path} is not a D4RL file: missing keys {missing} (has {sorted(f.keys())})")
+        d = {k: f[k][:] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations") if k in f}
+    sizes = {k: len(v) for k, v in d.items()}
+    if len(set(sizes.values())) != 1:
+        fail(f"{path}: the keys have different lengths {sizes}")
+    actions = d["actions"].reshape(len(d["actions"]), -1)
+    if actions.shape[1] != 1 or not np.array_equal(actions, np.round(actions)) or actions.min() < 0:
+        fail(f"{path}: actions must be one non-negative integer per row (got shape {d['actions'].shape}, dtype {d['actions'].dtype}); "
+             "use icq_continuous.py for continuous actions")
+    obs = d["observations"].reshape(len(actions), -1).astype(np.float32)
+    last_obs = d.get("next_observations", d["observations"]).reshape(len(actions), -1).astype(np.float32)
+    terminals = d["terminals"].astype(bool)
+    ends = np.flatnonzero(terminals | d["timeouts"].astype(bool)).tolist()
+    if not ends or ends[-1] != len(actions) - 1:
+        ends.append(len(actions) - 1)  # the final row ends an episode too
+    # An episode's final observation is next_observations[end] when the file has it; otherwise it only pads a row that
+    # is either dropped (timeout: no a') or terminal (s' unused).
+    episodes, start = [], 0
+    for end in ends:
+        episodes.append((np.concatenate([obs[start : end + 1], last_obs[end : end + 1]]), actions[start : end + 1, 0].astype(np.int64),
+                         d["rewards"][start : end + 1].astype(np.float32), terminals[start : end + 1]))
+        start = end + 1
+    return episodes
 
 
 def minari_episodes(dataset_id):
@@ -229,19 +301,23 @@ def behavior_weights(q, action, log_mu, temperature):
     return torch.exp(q.gather(1, action[:, None]).squeeze(1) - torch.logsumexp(log_mu + q, dim=1))
 
 
-def critic_target(reward, done, next_q, gamma, temperature, weights=None):
-    """The ICQ target r + gamma (1 - d) rho Q'(s', a') with rho = exp(Q'/T) / Z (eq. 10), all [B].
+def critic_target(reward, done, next_q, gamma, temperature, weights=None, scale=1.0, clip=True):
+    """The ICQ target r + gamma (1 - d) rho Q'(s', a') with rho = exp(Q'/T) / Z (eq. 10), all [B]; returns (target, rho).
 
-    a' is the dataset's next action. rho defaults to the batch softmax, where terminal rows carry no a' and stay out;
-    `weights` passes the exact behaviour_weights instead.
+    a' is the dataset's next action. rho defaults to the authors' batch weight clamp(scale * n * softmax_batch(Q'/T), 0, 1),
+    where terminal rows carry no a' and stay out. The batch softmax runs across different states, so an unclipped
+    weight reaches n and gamma * rho > 1 breaks the contraction; the clamp keeps gamma * rho <= gamma. `weights` passes
+    the exact behaviour_weights instead (a per-state expectation of 1, used as they are).
     """
-    rho = icq_weights(next_q, temperature, mask=done == 0) if weights is None else weights
-    return reward + gamma * (1.0 - done) * rho * next_q
+    if weights is None:
+        weights = scale * icq_weights(next_q, temperature, mask=done == 0)
+        weights = weights.clamp(0.0, 1.0) if clip else weights
+    return reward + gamma * (1.0 - done) * weights * next_q, weights
 
 
-def critic_loss(critic, critic_target_net, behavior, batch, gamma, temperature):
-    """Squared error to the ICQ target. With behavior=None (batch Z) Q' is read only at the batch's (s', a'), the
-    implicit constraint of eq. 10; the exact Z also reads Q'(s', b) for every b, weighted by mu(b|s'), by definition."""
+def critic_loss(critic, critic_target_net, behavior, batch, gamma, temperature, scale=1.0, clip=True):
+    """Squared error to the ICQ target; returns (loss, rho). With behavior=None (batch Z) Q' is read only at the batch's
+    (s', a'), the implicit constraint of eq. 10; the exact Z also reads Q'(s', b) for every b, weighted by mu(b|s')."""
     obs, act, rew, next_obs, next_act, done = batch
     with torch.no_grad():
         next_q_all = critic_target_net(next_obs)
@@ -249,14 +325,19 @@ def critic_loss(critic, critic_target_net, behavior, batch, gamma, temperature):
         weights = None
         if behavior is not None:
             weights = behavior_weights(next_q_all, next_act, F.log_softmax(behavior(next_obs), -1), temperature)
-        target = critic_target(rew, done, next_q, gamma, temperature, weights)
-    return F.mse_loss(critic(obs).gather(1, act[:, None]).squeeze(1), target)
+        target, rho = critic_target(rew, done, next_q, gamma, temperature, weights, scale, clip)
+    return F.mse_loss(critic(obs).gather(1, act[:, None]).squeeze(1), target), rho
 
 
 def actor_loss(log_prob, signal, temperature, weights=None):
     """Weighted behaviour cloning, the KL(pi* || pi_theta) objective of Sec. 4.2: -mean(exp(signal/T)/Z * log pi).
-    `weights` passes the exact behaviour_weights instead of the batch softmax of the signal."""
-    return -((icq_weights(signal, temperature) if weights is None else weights) * log_prob).mean()
+    `weights` passes the exact behaviour_weights instead of the batch softmax of the signal. temperature = inf is exact
+    behaviour cloning (pi* = mu as alpha -> inf, eq. 8): every weight is exactly 1, whatever the signal."""
+    if math.isinf(temperature):
+        weights = torch.ones_like(log_prob)
+    elif weights is None:
+        weights = icq_weights(signal, temperature)
+    return -(weights * log_prob).mean()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -276,10 +357,13 @@ def evaluate(actor, env, space, episodes, seed, device):
     return float(np.mean(returns))
 
 
-def normalized_score(minari_dataset, mean_return):
-    """x100 scores: Minari's reference scores (None if the dataset has none); built-in data: random 0, heuristic 100."""
-    if minari_dataset is None:
+def normalized_score(minari_dataset, mean_return, builtin):
+    """x100 scores: Minari's reference scores (None if the dataset has none); built-in data: random 0, heuristic 100;
+    HDF5 files: None (no references)."""
+    if builtin:
         return 100.0 * (mean_return - RANDOM_RETURN) / (HEURISTIC_RETURN - RANDOM_RETURN)
+    if minari_dataset is None:
+        return None
     import minari
 
     try:
@@ -290,13 +374,13 @@ def normalized_score(minari_dataset, mean_return):
 
 if __name__ == "__main__":
     args = resolve_args(tyro.cli(Args))
-    dataset_name = args.dataset_id or f"{args.env_id}-{args.quality}"
+    dataset_name = args.dataset_id or (args.dataset_path and os.path.basename(args.dataset_path).rsplit(".", 1)[0]) or f"{args.env_id}-{args.quality}"
     checkpoint = None
     if args.resume is not None:
         if not os.path.isfile(args.resume):
             fail(f"--resume {args.resume}: no such checkpoint")
         checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
-        keys = ("dataset_id", "env_id", "quality", "dataset_size", "normalizer")
+        keys = ("dataset_id", "dataset_path", "env_id", "quality", "dataset_size", "normalizer")
         if any(checkpoint["args"][k] != getattr(args, k) for k in keys):
             fail(f"--resume {args.resume} was trained with " + ", ".join(f"--{k.replace('_', '-')} {checkpoint['args'][k]}" for k in keys)
                  + "; pass the same data and normalizer")
@@ -311,16 +395,24 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    torch.set_num_threads(args.threads)
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines reach log files as they happen
 
     # Data and evaluation env
-    minari_dataset = None
+    minari_dataset, components, heuristic_is_majority = None, None, None
     if args.dataset_id is not None:
         episodes, minari_dataset = minari_episodes(args.dataset_id)
         env = minari_dataset.recover_environment(eval_env=True)
         space = minari_dataset.observation_space
     else:
-        episodes = builtin_episodes(args.env_id, args.quality, args.dataset_size)
-        env = gym.make(args.env_id)
+        if args.dataset_path is not None:
+            episodes = load_d4rl_hdf5(args.dataset_path)
+        else:
+            episodes, components, heuristic_is_majority = builtin_episodes(args.env_id, args.quality, args.dataset_size)
+        try:
+            env = gym.make(args.env_id)
+        except (gym.error.Error, ModuleNotFoundError) as exc:
+            fail(f"--env-id {args.env_id}: {exc}")
         space = env.observation_space
     if not isinstance(env.action_space, gym.spaces.Discrete):
         fail(f"the evaluation env {env.spec.id} has a {type(env.action_space).__name__} action space; icq_discrete.py needs Discrete actions")
@@ -333,8 +425,13 @@ if __name__ == "__main__":
              f"{data_actions} vs the env's {num_actions} (data: {dataset_name}, env: {env.spec.id})")
     num_transitions = data["rewards"].shape[0]
     dataset_return = float(np.mean([ep[2].sum() for ep in episodes]))
+    # Every weight in the backup is <= 1 (clamped) or an expectation of 1 (exact Z), so |Q| <= max|r| / (1 - gamma).
+    q_bound = float(data["rewards"].abs().max()) / (1.0 - args.gamma)
     print(f"{num_transitions} transitions from {dataset_name} ({len(episodes)} episodes, mean return {dataset_return:.1f}), "
-          f"normalizer {args.normalizer}, eval env {env.spec.id}")
+          f"normalizer {args.normalizer}, eval env {env.spec.id}, reward-implied |Q| bound {q_bound:.1f}")
+    if components is not None:
+        print("mean episode return per policy: " + ", ".join(f"{k} {v:.1f}" for k, v in components.items())
+              + f"; the heuristic's action is the data's majority action at {100 * heuristic_is_majority:.0f}% of states")
 
     actor = mlp([obs_dim, 256, 256, num_actions]).to(device)
     critic = mlp([obs_dim, 256, 256, num_actions]).to(device)
@@ -346,7 +443,7 @@ if __name__ == "__main__":
     state_modules = (("actor", actor), ("critic", critic), ("critic_target", critic_target_net), ("behavior", behavior),
                      ("actor_optimizer", actor_optimizer), ("critic_optimizer", critic_optimizer), ("behavior_optimizer", behavior_optimizer))
 
-    start_step, evaluations = 0, []
+    start_step, evaluations, q_abs_max, warned = 0, [], 0.0, False
     if checkpoint is not None:
         for key, module in state_modules:
             module.load_state_dict(checkpoint[key])
@@ -355,7 +452,7 @@ if __name__ == "__main__":
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-        start_step, evaluations = checkpoint["step"], checkpoint["evaluations"]
+        start_step, evaluations, q_abs_max = checkpoint["step"], checkpoint["evaluations"], checkpoint["q_abs_max"]
         print(f"resumed from {args.resume} at step {start_step}")
 
     if args.track:
@@ -369,7 +466,7 @@ if __name__ == "__main__":
         state = {key: module.state_dict() for key, module in state_modules}
         state["rng"] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
-        state.update(step=step, args=vars(args), evaluations=evaluations)
+        state.update(step=step, args=vars(args), evaluations=evaluations, q_abs_max=float(q_abs_max))
         torch.save(state, ckpt_path + ".tmp")
         os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash mid-save leaves the previous checkpoint intact
 
@@ -380,6 +477,9 @@ if __name__ == "__main__":
 
     use_behavior = args.normalizer == "behavior"
     nonfinite_step = torch.full((), -1, device=device)  # first step with a NaN/inf loss, read only at log intervals
+    q_abs_max = torch.full((), q_abs_max, device=device)  # running max of |Q(s, a)| on the batches, read only at log intervals
+    q_exceeds_step = torch.full((), -1, device=device)  # first step where |Q| left the reward-implied bound
+    bc = math.isinf(args.alpha)
     start_time, eval_seconds = time.time(), 0.0
     for step in range(start_step + 1, args.total_steps + 1):
         idx = torch.randint(num_transitions, (args.batch_size,), device=device)
@@ -392,7 +492,8 @@ if __name__ == "__main__":
             loss_mu.backward()
             behavior_optimizer.step()
 
-        loss_q = critic_loss(critic, critic_target_net, behavior if use_behavior else None, batch, args.gamma, args.critic_alpha)
+        loss_q, rho = critic_loss(critic, critic_target_net, behavior if use_behavior else None, batch, args.gamma,
+                                  args.critic_alpha, args.critic_weight_scale, args.clip_critic_weights)
         critic_optimizer.zero_grad()
         loss_q.backward()
         critic_optimizer.step()
@@ -402,8 +503,9 @@ if __name__ == "__main__":
         log_pi = F.log_softmax(actor(obs), -1)
         with torch.no_grad():
             q_all = critic(obs)
-            signal = q_all.gather(1, act[:, None]).squeeze(1) - (log_pi.exp() * q_all).sum(1)
-            weights = behavior_weights(q_all, act, F.log_softmax(behavior(obs), -1), args.alpha) if use_behavior else None
+            q_data = q_all.gather(1, act[:, None]).squeeze(1)
+            signal = q_data - (log_pi.exp() * q_all).sum(1)
+            weights = behavior_weights(q_all, act, F.log_softmax(behavior(obs), -1), args.alpha) if use_behavior and not bc else None
         loss_pi = actor_loss(log_pi.gather(1, act[:, None]).squeeze(1), signal, args.alpha, weights)
         actor_optimizer.zero_grad()
         loss_pi.backward()
@@ -412,25 +514,35 @@ if __name__ == "__main__":
         with torch.no_grad():
             for p, p_target in zip(critic.parameters(), critic_target_net.parameters()):
                 p_target.lerp_(p, args.tau)
-        nonfinite_step = torch.where((nonfinite_step < 0) & ~torch.isfinite(loss_q + loss_pi), step, nonfinite_step)
+            nonfinite_step = torch.where((nonfinite_step < 0) & ~torch.isfinite(loss_q + loss_pi), step, nonfinite_step)
+            q_abs_max = torch.maximum(q_abs_max, q_data.abs().max())
+            q_exceeds_step = torch.where((q_exceeds_step < 0) & (q_abs_max > q_bound), step, q_exceeds_step)
 
         if step % args.log_interval == 0:
             check_finite(nonfinite_step)
+            if int(q_exceeds_step) >= 0 and not warned:
+                warned = True
+                fix = "--critic-weight-scale 0.5 or a larger --critic-alpha" if args.clip_critic_weights or use_behavior else "--clip-critic-weights"
+                print(f"warning: |Q| = {float(q_abs_max):.3g} left the reward-implied bound max|r|/(1-gamma) = {q_bound:.3g} at step "
+                      f"{int(q_exceeds_step)}: the critic is diverging; try {fix}", flush=True)
             sps = int((step - start_step) / (time.time() - start_time - eval_seconds))
             writer.add_scalar("losses/critic_loss", loss_q.item(), step)
             writer.add_scalar("losses/actor_loss", loss_pi.item(), step)
             writer.add_scalar("losses/advantage", signal.mean().item(), step)
-            writer.add_scalar("losses/q_values", q_all.mean().item(), step)
+            writer.add_scalar("losses/q_mean", q_data.mean().item(), step)
+            writer.add_scalar("losses/q_abs_max", q_abs_max.item(), step)
+            writer.add_scalar("losses/max_critic_weight", rho.max().item(), step)
             if use_behavior:
                 writer.add_scalar("losses/behavior_loss", loss_mu.item(), step)
             writer.add_scalar("charts/SPS", sps, step)
-            print(f"step {step}/{args.total_steps} | critic {loss_q.item():.4f} | actor {loss_pi.item():.4f} | {sps} steps/s")
+            print(f"step {step}/{args.total_steps} | critic {loss_q.item():.4f} | actor {loss_pi.item():.4f} | "
+                  f"Q mean {q_data.mean().item():.1f} max|Q| {q_abs_max.item():.1f} | max rho {rho.max().item():.2f} | {sps} steps/s")
 
         if step % args.eval_interval == 0 or step == args.total_steps:
             check_finite(nonfinite_step)
             eval_start = time.time()
             mean_return = evaluate(actor, env, space, args.eval_episodes, args.seed + 10_000, device)
-            score = normalized_score(minari_dataset, mean_return)
+            score = normalized_score(minari_dataset, mean_return, components is not None)
             eval_seconds += time.time() - eval_start
             evaluations.append({"step": step, "return": mean_return, "score": score})
             writer.add_scalar("eval/episodic_return", mean_return, step)
@@ -450,6 +562,10 @@ if __name__ == "__main__":
         "final_return": evaluations[-1]["return"] if evaluations else None,
         "best_return": max(e["return"] for e in evaluations) if evaluations else None,
         "dataset_return": dataset_return,
+        "component_returns": components,
+        "heuristic_is_majority": heuristic_is_majority,
+        "q_abs_max": float(q_abs_max),
+        "q_bound": q_bound,
         "updates_per_second": (args.total_steps - start_step) / max(wall_seconds - eval_seconds, 1e-9),
         "wall_seconds": wall_seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -1,5 +1,6 @@
 """icq_discrete.py: the ICQ weights and operator (spec section 5) and the script end to end on tiny data."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ import torch
 import torch.nn as nn
 from conftest import assert_user_error, run_script
 
-from icq_discrete import actor_loss, behavior_weights, critic_loss, critic_target, icq_weights
+from icq_discrete import actor_loss, behavior_weights, critic_loss, critic_target, icq_weights, load_d4rl_hdf5, make_dataset_tensors
 
 SCRIPT = "icq_discrete.py"
 ENV = {"OMP_NUM_THREADS": "1"}  # tiny networks: one thread is faster than two fighting over shared cores
@@ -82,9 +83,9 @@ def test_large_temperature_gives_sarsa_target(normalizer):
     behavior = Table(torch.randn(6, 3)) if normalizer == "behavior" else None
     sarsa = rew + 0.9 * (1 - done) * target.table.detach()[torch.arange(6), next_act]
     expected = ((critic.table.detach()[obs.argmax(1), act] - sarsa) ** 2).mean()
-    assert torch.isclose(critic_loss(critic, target, behavior, batch, 0.9, 1e9), expected)
+    assert torch.isclose(critic_loss(critic, target, behavior, batch, 0.9, 1e9)[0], expected)
     # and a small temperature does change it (the comparison above can fail)
-    assert not torch.isclose(critic_loss(critic, target, behavior, batch, 0.9, 0.1), expected)
+    assert not torch.isclose(critic_loss(critic, target, behavior, batch, 0.9, 0.1)[0], expected)
 
 
 def test_batch_critic_never_reads_q_at_actions_outside_the_batch():
@@ -94,20 +95,42 @@ def test_batch_critic_never_reads_q_at_actions_outside_the_batch():
     outside[torch.arange(6), next_act] = False
     perturbed = q_table + outside * 1000 * torch.randn_like(q_table)
     critic = Table(torch.zeros(6, 3))
-    same = critic_loss(critic, Table(q_table), None, batch, 0.9, 1.0) == critic_loss(critic, Table(perturbed), None, batch, 0.9, 1.0)
+    same = critic_loss(critic, Table(q_table), None, batch, 0.9, 1.0)[0] == critic_loss(critic, Table(perturbed), None, batch, 0.9, 1.0)[0]
     assert same
     behavior = Table(torch.zeros(6, 3))  # the exact Z reads them, by definition: the check above can see a difference
-    assert critic_loss(critic, Table(q_table), behavior, batch, 0.9, 1.0) != critic_loss(critic, Table(perturbed), behavior, batch, 0.9, 1.0)
+    assert critic_loss(critic, Table(q_table), behavior, batch, 0.9, 1.0)[0] != critic_loss(critic, Table(perturbed), behavior, batch, 0.9, 1.0)[0]
 
 
 def test_critic_target_masks_terminals_and_actor_loss_weights():
     reward, done, next_q = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 1.0, 0.0]), torch.tensor([10.0, 1e6, 10.0])
     # the terminal's junk Q' (1e6) takes no share of the batch softmax: the other two keep weight 1 each
-    assert torch.allclose(critic_target(reward, done, next_q, 0.5, 1.0), torch.tensor([6.0, 2.0, 8.0]))
+    assert torch.allclose(critic_target(reward, done, next_q, 0.5, 1.0)[0], torch.tensor([6.0, 2.0, 8.0]))
     log_prob, signal = torch.tensor([-1.0, -2.0]), torch.tensor([0.0, 1e3])
     assert torch.isclose(actor_loss(log_prob, signal, 1.0), torch.tensor(2.0))  # all weight (2) on the better action
     assert torch.isclose(actor_loss(log_prob, signal, 1e9), torch.tensor(1.5))  # behaviour cloning
     assert torch.isclose(actor_loss(log_prob, signal, 1.0, weights=torch.tensor([1.0, 0.0])), torch.tensor(0.5))
+
+
+def test_batch_critic_weight_is_the_authors_clamped_one():
+    reward, done = torch.zeros(4), torch.tensor([0.0, 0.0, 0.0, 1.0])
+    next_q = torch.tensor([10.0, 0.0, -10.0, 1e6])
+    _, rho = critic_target(reward, done, next_q, 0.9, 1.0)  # default: clamp(n * softmax, 0, 1)
+    raw = icq_weights(next_q, 1.0, mask=done == 0)
+    assert raw.max() > 2.9 and torch.allclose(rho, raw.clamp(0, 1)) and rho.max() == 1.0
+    _, rho_half = critic_target(reward, done, next_q, 0.9, 1e9, scale=0.5)
+    assert torch.allclose(rho_half, torch.tensor([0.5, 0.5, 0.5, 0.0]))  # scale 0.5: the authors' MuJoCo weight
+    target, rho_raw = critic_target(reward, done, next_q, 0.9, 1.0, clip=False)  # eq. 10 as written: weights up to n
+    assert torch.allclose(rho_raw, raw) and torch.isclose(target[0], 0.9 * raw[0] * 10.0)
+    exact = torch.tensor([3.0, 0.5, 2.0, 1.0])  # the exact-Z weights are used as they are, never clamped
+    assert torch.equal(critic_target(reward, done, next_q, 0.9, 1.0, weights=exact)[1], exact)
+
+
+def test_alpha_inf_is_exact_behaviour_cloning():
+    log_prob = torch.tensor([-0.3, -1.7, -2.2, -0.01])
+    for signal in (torch.tensor([1e30, -1e30, 0.0, 5.0]), torch.tensor([1e4, 1e4, -1e4, 3.0])):
+        assert torch.equal(actor_loss(log_prob, signal, math.inf), -log_prob.mean())  # exactly, not approximately
+        assert torch.equal(actor_loss(log_prob, signal, math.inf, weights=torch.tensor([9.0, 0.0, 0.0, 0.0])), -log_prob.mean())
+    assert not torch.equal(actor_loss(log_prob, torch.tensor([1e4, 0.0, 0.0, 0.0]), 1e6), -log_prob.mean())  # a huge alpha is not
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -166,6 +189,22 @@ def test_builtin_dataset_end_to_end(tmp_path):
     assert summary["best_score"] == max(e["score"] for e in summary["evaluations"])
 
 
+def test_builtin_mixed_data_mixes_distinct_policies(tmp_path):
+    proc = run_script(SCRIPT, "--quality", "mixed", "--dataset-size", 1500, "--run-name", "mixed", *TINY, cwd=tmp_path, env=ENV)
+    assert "mean episode return per policy: heuristic" in proc.stdout
+    with np.load(tmp_path / "datasets" / "LunarLander-v3-mixed-policies-1500.npz") as npz:
+        policies, lengths, rewards = npz["policies"], npz["lengths"], npz["rewards"]
+        majority = float(npz["heuristic_is_majority"])
+    returns = np.array([r.sum() for r in np.split(rewards, np.cumsum(lengths)[:-1])])
+    summary = read_summary(tmp_path, "mixed")
+    assert set(summary["component_returns"]) == set(policies) == {"heuristic", "no-main-engine", "random"}
+    for policy, mean_return in summary["component_returns"].items():
+        assert np.isclose(mean_return, returns[policies == policy].mean(), atol=1e-3)
+    assert summary["component_returns"]["heuristic"] > 100 > 0 > summary["component_returns"]["no-main-engine"]
+    assert np.isclose(summary["dataset_return"], returns.mean(), atol=1e-3)
+    assert 0 < summary["heuristic_is_majority"] == majority < 1
+
+
 def make_minari_dataset(root, dataset_id, env_id, episodes=4, eval_env=None, ref_scores=(0.0, 500.0)):
     """A small random-policy Minari dataset built from EpisodeBuffers (DataCollector would need jax)."""
     import gymnasium as gym
@@ -217,10 +256,124 @@ def test_resume_equals_straight_run(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# D4RL-layout HDF5 files
+def write_d4rl(path, obs, actions, rewards, terminals, timeouts, next_obs=None, drop=()):
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        arrays = dict(observations=obs, actions=actions, rewards=rewards, terminals=terminals, timeouts=timeouts)
+        if next_obs is not None:
+            arrays["next_observations"] = next_obs
+        for key, value in arrays.items():
+            if key not in drop:
+                f[key] = np.asarray(value)
+
+
+def test_d4rl_hdf5_episode_boundaries_and_next_actions(tmp_path):
+    # Three episodes in one array: rows 0-2 end terminal, rows 3-5 end by timeout, rows 6-7 end with the file.
+    obs = np.arange(8, dtype=np.float32)[:, None] * np.ones((1, 2), np.float32)
+    actions = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    terminals, timeouts = np.eye(8, dtype=bool)[2], np.eye(8, dtype=bool)[5]
+    write_d4rl(tmp_path / "d.hdf5", obs, actions, np.arange(8.0), terminals, timeouts, next_obs=obs + 0.5)
+    episodes = load_d4rl_hdf5(str(tmp_path / "d.hdf5"))
+    assert [len(ep[1]) for ep in episodes] == [3, 3, 2]
+    assert episodes[0][0][-1, 0] == 2.5  # an episode's last observation is next_observations[end]
+    data = make_dataset_tensors(episodes, "cpu")
+    # The terminal row is kept (done 1), a timeout's or the file's last row has no a' and is dropped.
+    assert data["obs"][:, 0].tolist() == [0, 1, 2, 3, 4, 6]
+    assert data["next_obs"][:, 0].tolist() == [1, 2, 2.5, 4, 5, 7]
+    assert data["next_actions"].tolist()[:2] == [1, 2] and data["next_actions"].tolist()[3:] == [0, 1, 3]
+    assert data["dones"].tolist() == [0, 0, 1, 0, 0, 0]
+    assert data["actions"].dtype == torch.long and data["rewards"].tolist() == [0, 1, 2, 3, 4, 6]
+
+
+@pytest.mark.parametrize("case, fragments", [
+    ("missing", ("no such file",)),
+    ("keys", ("missing keys ['timeouts']",)),
+    ("float-actions", ("integer",)),
+    ("lengths", ("different lengths",)),
+    ("env", ("disagree", "observation size 3 vs 8")),
+])
+def test_d4rl_hdf5_errors(tmp_path, case, fragments):
+    n = 6
+    obs, actions = np.zeros((n, 8 if case != "env" else 3), np.float32), np.zeros(n, np.int64)
+    if case == "float-actions":
+        actions = np.full((n, 2), 0.5, np.float32)
+    rewards = np.zeros(n - 1 if case == "lengths" else n, np.float32)
+    if case != "missing":
+        write_d4rl(tmp_path / "d.hdf5", obs, actions, rewards, np.zeros(n, bool), np.zeros(n, bool), drop=("timeouts",) if case == "keys" else ())
+    proc = run_script(SCRIPT, "--dataset-path", "d.hdf5", *TINY, cwd=tmp_path, env=ENV, check=False)
+    assert_user_error(proc, *fragments)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Learning regression: a chain where the good policy is a minority of the data
+CHAIN_ENV = """
+import gymnasium as gym
+import numpy as np
+
+
+class Chain(gym.Env):
+    \"\"\"States 0..5 in a row (one-hot), start at 0; action 0 moves right, 1 stays, 2 moves left; state 5 pays 100 and ends.\"\"\"
+    observation_space = gym.spaces.Box(0.0, 1.0, (6,), np.float32)
+    action_space = gym.spaces.Discrete(3)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.s = 0
+        return np.eye(6, dtype=np.float32)[self.s], {}
+
+    def step(self, action):
+        self.s = min(max(self.s + (1, 0, -1)[int(action)], 0), 5)
+        return np.eye(6, dtype=np.float32)[self.s], 100.0 * (self.s == 5), self.s == 5, False, {}
+
+
+gym.register("Chain-v0", entry_point=Chain, max_episode_steps=16)
+"""
+
+
+def write_chain_data(tmp_path, seed=0):
+    """25 % of episodes move right to the goal; the rest stay with probability 0.7 and move right with 0.2, so at every
+    state the data's most common action is "stay" and greedy behaviour cloning never reaches the goal."""
+    (tmp_path / "chain_env.py").write_text(CHAIN_ENV)
+    rng, rows = np.random.default_rng(seed), []
+    for episode in range(200):
+        good, s = episode % 4 == 0, 0
+        for t in range(16):
+            a = 0 if good else int(rng.choice(3, p=[0.2, 0.7, 0.1]))
+            s2 = min(max(s + (1, 0, -1)[a], 0), 5)
+            rows.append((np.eye(6)[s], a, 100.0 * (s2 == 5), s2 == 5, s2 != 5 and t == 15, np.eye(6)[s2]))
+            s = s2
+            if s == 5:
+                break
+    obs, actions, rewards, terminals, timeouts, next_obs = map(np.array, zip(*rows))
+    write_d4rl(tmp_path / "chain.hdf5", obs, actions, rewards, terminals, timeouts, next_obs)
+
+
+def test_icq_beats_exact_bc_on_a_chain_and_q_stays_bounded(tmp_path):
+    write_chain_data(tmp_path)
+    env = {**ENV, "PYTHONPATH": str(tmp_path)}
+    common = ("--dataset-path", "chain.hdf5", "--env-id", "chain_env:Chain-v0", "--batch-size", 64, "--eval-episodes", 1,
+              "--log-interval", 100)
+    summaries = {}  # default ICQ; exact BC needs fewer steps to settle on the majority action
+    for method, extra in (("icq", ("--total-steps", 3000, "--eval-interval", 1000)), ("bc", ("--alpha", "inf", "--total-steps", 600, "--eval-interval", 300))):
+        proc = run_script(SCRIPT, *common, *extra, "--run-name", method, cwd=tmp_path, env=env)
+        assert "warning" not in proc.stdout
+        summaries[method] = read_summary(tmp_path, method)
+    icq, bc = summaries["icq"], summaries["bc"]
+    assert icq["dataset_return"] < 50 and icq["q_bound"] == 100 / (1 - 0.99)
+    assert bc["final_return"] == 0.0  # greedy BC copies the majority's "stay" and never reaches the goal
+    assert icq["final_return"] == 100.0  # ICQ's weights pick the minority's "right" from the rewards
+    assert 0 < icq["q_abs_max"] <= icq["q_bound"]  # the running max over the whole run stayed inside the bound
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Bad inputs: one clear message, no traceback
 @pytest.mark.parametrize("args, fragments", [
     (("--alpha", 0), ("--alpha", "> 0")),
     (("--critic-alpha", -1), ("--critic-alpha", "> 0")),
+    (("--alpha", "nan"), ("--alpha", "inf is exact behaviour cloning")),
+    (("--dataset-id", "a/b-v0", "--dataset-path", "c.hdf5"), ("one of --dataset-id and --dataset-path",)),
     (("--quality", "superb"), ("superb", "expert")),
     (("--env-id", "CartPole-v1"), ("no built-in dataset", "LunarLander-v3")),
     (("--dataset-id", "nope/nothing-v0"), ("minari download nope/nothing-v0", "built-in")),
