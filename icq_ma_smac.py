@@ -4,8 +4,9 @@
 The critic evaluates pi* = mu * exp(Q_tot / alpha) / Z with TD(lambda) over rho * Q'_tot at dataset actions only
 (eq. 19-20); each agent extracts its policy by weighted behaviour cloning with weight exp(A_i / alpha) / Z times its
 mixer weight k_i(s) (the factorised KL(pi* || pi_theta), Sec. 4.3). Z is the softmax over the episodes of a batch.
-Backends: real SMAC/SMACv2 (StarCraft II) or JaxMARL's SMAX (pure JAX, no StarCraft II); SMAX datasets are generated
-by scripted behaviour policies at the end of this file's helpers.
+Backends: real SMAC/SMACv2 (StarCraft II) or JaxMARL's SMAX (pure JAX, no StarCraft II); SMAX datasets are recorded
+from scripted controllers (the fenced data-generation section before the training loop). SMAX rewards are scaled x 10
+on load so that returns, and so the temperatures, are on SMAC's scale (a won episode returns ~20).
 """
 import copy
 import importlib
