@@ -1,5 +1,5 @@
 # ICQ (Yang et al., NeurIPS 2021, arXiv 2106.03400), Algorithm 1, continuous actions -- docs: README.md#icq_continuouspy
-"""Implicit Constraint Q-learning on D4RL data (Minari ids or original D4RL HDF5 files).
+"""Implicit Constraint Q-learning on D4RL data (Minari ids or original D4RL HDF5 files) or built-in LunarLander data.
 
 The critic evaluates pi* = mu * exp(Q / alpha) / Z with importance weights on dataset actions only (eq. 10),
 and the actor is extracted by weighted behaviour cloning (KL(pi* || pi_theta)). Z is the batch softmax.
@@ -8,13 +8,14 @@ import copy
 import json
 import os
 import random
+import re
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 import gymnasium as gym
-import gymnasium_robotics
 import numpy as np
 import torch
 import torch.nn as nn
@@ -44,6 +45,8 @@ class Args:
     """write runs/{run_name}/checkpoint.pt at every evaluation and at the end"""
     resume: Optional[str] = None
     """path of a checkpoint.pt to continue training from"""
+    threads: int = 1
+    """torch CPU threads (batch-256 MLP updates ran fastest on one thread of the 2-core test machine)"""
 
     # Algorithm specific arguments
     dataset_id: Optional[str] = None
@@ -51,15 +54,25 @@ class Args:
     dataset_path: Optional[str] = None
     """an original D4RL HDF5 file (keys observations, actions, rewards, terminals, timeouts); needs --env-id"""
     env_id: Optional[str] = None
-    """gymnasium id of the evaluation env (default for Minari ids: the dataset's own eval env)"""
-    preset: Literal["auto", "locomotion", "antmaze", "adroit"] = "auto"
+    """gymnasium id of the evaluation env (default: a Minari dataset's own eval env; without a dataset
+    LunarLanderContinuous-v3, whose built-in data are generated into datasets/ once)"""
+    quality: Literal["expert", "medium", "mixed"] = "mixed"
+    """built-in data: the heuristic lander with N(0, 0.1) / N(0, 1) action noise, or a mix of four distinct landers (BUILTIN)"""
+    dataset_size: int = 100_000
+    """transitions in a built-in dataset (whole episodes, so slightly more)"""
+    ref_min_score: Optional[float] = None
+    """return scored 0 by eval/normalized_score (with --ref-max-score; default: D4RL's, Minari's or the built-in data's)"""
+    ref_max_score: Optional[float] = None
+    """return scored 100 by eval/normalized_score"""
+    preset: Literal["auto", "locomotion", "antmaze", "adroit", "lunarlander"] = "auto"
     """authors' per-domain settings for the options left unset below (auto: from the dataset name)"""
     total_steps: int = 1_000_000
     """number of gradient steps (one critic and one actor update each)"""
     batch_size: Optional[int] = None
     """minibatch size; the batch softmax normalises over it (preset: 32, antmaze 1024)"""
     alpha: Optional[float] = None
-    """actor temperature: weight = B * softmax_batch(signal / alpha) (preset: 600, antmaze 10)"""
+    """actor temperature: weight = B * softmax_batch(signal / alpha) (preset: 600, antmaze 10); `inf` is exact behaviour
+    cloning (every weight exactly 1)"""
     critic_alpha: Optional[float] = None
     """critic temperature of the importance weight rho (preset: 600, antmaze 10)"""
     actor_signal: Literal["td", "q"] = "td"
@@ -68,10 +81,12 @@ class Args:
     """two critics, min for targets and signals (preset: only antmaze)"""
     timeout_as_terminal: Optional[bool] = None
     """keep a time-limited episode's last step with done = 1 instead of dropping it (preset: only antmaze)"""
-    critic_weight_scale: float = 1.0
-    """multiply rho by this (the authors' MuJoCo code uses 0.5)"""
-    clip_critic_weights: bool = False
-    """clamp rho to [0, 1] as the authors' code does"""
+    critic_weight_scale: Optional[float] = None
+    """rho = clamp(scale * B * softmax_batch(Q'/T), 0, 1) (preset: 0.5 as the authors' MuJoCo code, antmaze 1)"""
+    clip_critic_weights: bool = True
+    """clamp rho to [0, 1] as the authors' code does. `--no-clip-critic-weights --critic-weight-scale 1` is the unclipped
+    eq.-10 weight, which diverges on mixed data: the batch softmax normalises across different states, so single weights
+    reach B, gamma * rho > 1 on those rows and the backup is no contraction"""
     gamma: float = 0.99
     """the discount factor"""
     tau: float = 0.005
@@ -90,18 +105,38 @@ class Args:
     """gradient steps between progress lines and TensorBoard scalars"""
 
 
-# The authors' settings per domain (ICQ_softmax for MuJoCo/Adroit, ICQ-antmaze_softmax for AntMaze).
+# The authors' settings per domain (ICQ_softmax for MuJoCo/Adroit, ICQ-antmaze_softmax for AntMaze). Their critic weight
+# is clamp(scale * B * softmax_batch(Q'/T), 0, 1) in both; LunarLander's preset is ours (see README: chosen by measurement).
 PRESETS = {
-    "locomotion": dict(batch_size=32, alpha=600.0, critic_alpha=600.0, twin_q=False, timeout_as_terminal=False, eval_episodes=10),
-    "adroit": dict(batch_size=32, alpha=600.0, critic_alpha=600.0, twin_q=False, timeout_as_terminal=False, eval_episodes=10),
-    "antmaze": dict(batch_size=1024, alpha=10.0, critic_alpha=10.0, twin_q=True, timeout_as_terminal=True, eval_episodes=100),
+    "locomotion": dict(batch_size=32, alpha=600.0, critic_alpha=600.0, critic_weight_scale=0.5, twin_q=False, timeout_as_terminal=False, eval_episodes=10),
+    "adroit": dict(batch_size=32, alpha=600.0, critic_alpha=600.0, critic_weight_scale=0.5, twin_q=False, timeout_as_terminal=False, eval_episodes=10),
+    "antmaze": dict(batch_size=1024, alpha=10.0, critic_alpha=10.0, critic_weight_scale=1.0, twin_q=True, timeout_as_terminal=True, eval_episodes=100),
+    "lunarlander": dict(batch_size=256, alpha=10.0, critic_alpha=1000.0, critic_weight_scale=1.0, twin_q=False, timeout_as_terminal=False, eval_episodes=10),
 }
-# D4RL reference returns (d4rl/infos.py) that turn an original D4RL file's return into a 0-100 score.
+# D4RL reference returns (d4rl/infos.py), used only for an original D4RL file named as D4RL names its datasets.
 D4RL_REF_SCORES = {
     "hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3),
     "pen": (96.262799, 3076.8331), "door": (-56.512833, 2880.5693), "hammer": (-274.856578, 12794.1348),
     "relocate": (-6.425911, 4233.8778),
 }
+D4RL_NAME = re.compile(r"(hopper|halfcheetah|walker2d)-(random|medium|expert|medium-replay|medium-expert|full-replay)-v[012]"
+                       r"|(pen|door|hammer|relocate)-(human|cloned|expert)-v[01]")
+# Built-in data: gymnasium's heuristic lander (continuous mode) and systematically worse landers. "mixed" holds each for a
+# quarter of its transitions, so at most states three of four actions come from a worse lander (D4RL medium-replay idea).
+LANDERS = {
+    "heuristic": lambda h, rng: h,
+    "heuristic + N(0, 0.1)": lambda h, rng: np.clip(h + rng.normal(0, 0.1, 2), -1, 1),
+    "heuristic + N(0, 1)": lambda h, rng: np.clip(h + rng.normal(0, 1.0, 2), -1, 1),
+    "uniform random": lambda h, rng: rng.uniform(-1, 1, 2),
+    "main engine never fires": lambda h, rng: np.array([-1.0, h[1]]),  # heuristic steering, falls and crashes
+    "main engine over-fires": lambda h, rng: np.array([min(h[0] + 1.0, 1.0), h[1]]),  # throttle >= 50 %: hovers until timeout
+}
+BUILTIN = {"expert": {"heuristic + N(0, 0.1)": 1.0}, "medium": {"heuristic + N(0, 1)": 1.0},
+           "mixed": {"heuristic": 0.25, "uniform random": 0.25, "main engine never fires": 0.25, "main engine over-fires": 0.25}}
+# Built-in score = 100 (return - random) / (heuristic - random). Measured once on LunarLanderContinuous-v3 (gymnasium
+# 1.4.0): mean return of 1000 episodes, env.reset(seed=i) for i = 0..999, of uniform random actions
+# (np.random.default_rng(0)) and of gymnasium.envs.box2d.lunar_lander.heuristic; standard errors 4.0 and 0.8.
+RANDOM_RETURN, HEURISTIC_RETURN = -209.8, 282.8
 
 
 def fail(msg):
@@ -109,24 +144,65 @@ def fail(msg):
 
 
 def resolve_args(args):
+    if args.dataset_id is not None and args.dataset_path is not None:
+        fail("give at most one of --dataset-id (a Minari id) and --dataset-path (a D4RL HDF5 file)")
+    builtin = args.dataset_id is None and args.dataset_path is None
+    if builtin:
+        args.env_id = args.env_id or "LunarLanderContinuous-v3"
+        if args.env_id != "LunarLanderContinuous-v3":
+            fail(f"no built-in dataset for --env-id {args.env_id}: use LunarLanderContinuous-v3, --dataset-id or --dataset-path")
     name = (args.dataset_id or os.path.basename(args.dataset_path or "")).lower()
     preset = args.preset
     if preset == "auto":
         adroit = any(task in name for task in ("pen", "door", "hammer", "relocate"))
-        preset = "antmaze" if "antmaze" in name else "adroit" if adroit else "locomotion"
+        preset = "lunarlander" if builtin else "antmaze" if "antmaze" in name else "adroit" if adroit else "locomotion"
     for key, value in PRESETS[preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.preset = preset
-    if (args.dataset_id is None) == (args.dataset_path is None):
-        fail("give exactly one of --dataset-id (a Minari id) and --dataset-path (a D4RL HDF5 file)")
     if args.dataset_path is not None and args.env_id is None:
         fail("--dataset-path needs --env-id, the gymnasium env to evaluate in (e.g. Hopper-v5 for hopper-medium-v2.hdf5)")
     if args.alpha <= 0 or args.critic_alpha <= 0:
-        fail(f"--alpha and --critic-alpha are temperatures and must be > 0 (got {args.alpha}, {args.critic_alpha})")
-    if args.batch_size < 1 or args.total_steps < 1 or args.eval_interval < 1 or args.log_interval < 1 or args.eval_episodes < 1:
-        fail("--batch-size, --total-steps, --eval-interval, --log-interval and --eval-episodes must be >= 1")
+        fail(f"--alpha and --critic-alpha are temperatures and must be > 0 (got {args.alpha}, {args.critic_alpha}); --alpha inf is behaviour cloning")
+    if min(args.batch_size, args.total_steps, args.eval_interval, args.log_interval, args.eval_episodes, args.dataset_size, args.threads) < 1:
+        fail("--batch-size, --total-steps, --eval-interval, --log-interval, --eval-episodes, --dataset-size and --threads must be >= 1")
+    refs = (args.ref_min_score, args.ref_max_score)
+    if refs != (None, None) and (None in refs or refs[0] == refs[1]):
+        fail("give both --ref-min-score and --ref-max-score, and different ones")
     return args
+
+
+def reference_scores(args, minari_dataset):
+    """(return scored 0, return scored 100, where they come from) for eval/normalized_score, or None.
+
+    Order: --ref-min/max-score; a Minari dataset's own references; D4RL's only for a D4RL file named as D4RL names it
+    (e.g. hopper-medium-v2.hdf5: D4RL measured them on the -v3/-v0 envs); the built-in data's random and heuristic.
+    """
+    if args.ref_min_score is not None:
+        return args.ref_min_score, args.ref_max_score, "--ref-min-score/--ref-max-score"
+    if minari_dataset is not None:
+        low, high = (minari_dataset.storage.metadata.get(k) for k in ("ref_min_score", "ref_max_score"))
+        return None if low is None or high is None else (float(low), float(high), f"Minari metadata of {args.dataset_id}")
+    if args.dataset_path is not None:
+        name = os.path.splitext(os.path.basename(args.dataset_path))[0]
+        if D4RL_NAME.fullmatch(name):
+            return (*D4RL_REF_SCORES[name.split("-")[0]], f"D4RL reference returns for {name} (d4rl/infos.py)")
+        return None
+    return RANDOM_RETURN, HEURISTIC_RETURN, "built-in: uniform random and heuristic lander, 1000 episodes each"
+
+
+def make_env(env_id, minari_dataset):
+    """The evaluation env. gymnasium-robotics (AntMaze, Adroit) is imported only when the id needs it: its import warns."""
+    make = (lambda: gym.make(env_id)) if env_id else (lambda: minari_dataset.recover_environment(eval_env=True))
+    for attempt in range(2):
+        try:
+            return make()
+        except gym.error.Error as exc:
+            if attempt == 1 or not isinstance(exc, gym.error.NameNotFound):
+                fail(f"--env-id {env_id}: {exc}" if env_id else f"the eval env of {minari_dataset.spec.dataset_id}: {exc}")
+            import gymnasium_robotics
+
+            gym.register_envs(gymnasium_robotics)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -163,11 +239,12 @@ def load_minari(dataset_id, timeout_as_terminal):
             f"Download it once with `minari download {dataset_id}` (needs network and `pip install minari[hf]`), "
             "or pass an original D4RL file with --dataset-path FILE.hdf5 --env-id ENV."
         )
-    parts = []
+    parts, returns = [], []
     for ep in dataset.iterate_episodes():
         obs = flatten_obs(ep.observations)
         parts.append(episode_transitions(obs, ep.actions, ep.rewards, ep.terminations, timeout_as_terminal))
-    return [np.concatenate(column) for column in zip(*parts)], dataset
+        returns.append(float(np.sum(ep.rewards)))
+    return [np.concatenate(column) for column in zip(*parts)], returns, dataset
 
 
 def load_d4rl_hdf5(path, timeout_as_terminal):
@@ -192,13 +269,60 @@ def load_d4rl_hdf5(path, timeout_as_terminal):
     # The final observation of an episode is next_observations[end] when the file has it; otherwise it only pads a row
     # that is either dropped (timeout) or terminal (s' unused).
     last_obs = data.get("next_observations", data["observations"])
-    parts, start = [], 0
+    parts, returns, start = [], [], 0
     for end in ends:
         sl = slice(start, end + 1)
         obs = np.concatenate([data["observations"][sl], last_obs[end : end + 1]])
         parts.append(episode_transitions(obs, data["actions"][sl], data["rewards"][sl], data["terminals"][sl], timeout_as_terminal))
+        returns.append(float(data["rewards"][sl].sum()))
         start = end + 1
-    return [np.concatenate(column) for column in zip(*parts)]
+    return [np.concatenate(column) for column in zip(*parts)], returns
+
+
+def builtin_data(quality, size):
+    """Roll out the BUILTIN[quality] landers once into datasets/LunarLanderContinuous-v3-{quality}-{size}.npz.
+
+    Returns the transitions, the episode returns and {lander: mean episode return}, also written to a .json beside it.
+    """
+    from gymnasium.envs.box2d.lunar_lander import heuristic
+
+    path = f"datasets/LunarLanderContinuous-v3-{quality}-{size}"
+    if not os.path.exists(path + ".npz"):
+        print(f"generating {path}.npz", flush=True)
+        env, rng = gym.make("LunarLanderContinuous-v3"), np.random.default_rng(list(BUILTIN).index(quality))
+        cols = {k: [] for k in ("obs", "actions", "rewards", "terminals", "lengths", "lander")}
+        for lander, share in BUILTIN[quality].items():
+            steps = 0
+            while steps < share * size:
+                o, _ = env.reset(seed=1_000_000 + len(cols["lengths"]))  # evaluation uses seeds near 10_000
+                cols["obs"].append(o)
+                done, length = False, 0
+                while not done:
+                    a = LANDERS[lander](heuristic(env, o), rng).astype(np.float32)
+                    o, r, terminated, truncated, _ = env.step(a)
+                    for k, v in zip(("obs", "actions", "rewards", "terminals"), (o, a, r, terminated)):
+                        cols[k].append(v)
+                    done, length = terminated or truncated, length + 1
+                cols["lengths"].append(length), cols["lander"].append(list(LANDERS).index(lander))
+                steps += length
+        os.makedirs("datasets", exist_ok=True)
+        with open(path + ".npz.tmp", "wb") as f:  # atomic, so a concurrent run never reads half a file
+            np.savez(f, **{k: np.array(v, np.float32 if k in ("obs", "actions", "rewards") else None) for k, v in cols.items()})
+        os.replace(path + ".npz.tmp", path + ".npz")
+    with np.load(path + ".npz") as npz:
+        d = {k: npz[k] for k in npz.files}  # each npz[k] re-reads the file: read every array once
+    ends = np.cumsum(d["lengths"])
+    parts, returns = [], []
+    for i, (start, end) in enumerate(zip(ends - d["lengths"], ends)):  # episode i has rows start+i..end+i of obs
+        parts.append(episode_transitions(d["obs"][start + i : end + i + 1], d["actions"][start:end], d["rewards"][start:end],
+                                         d["terminals"][start:end], False))
+        returns.append(float(d["rewards"][start:end].sum()))
+    names = list(LANDERS)
+    components = {names[k]: float(np.mean(np.array(returns)[d["lander"] == k])) for k in np.unique(d["lander"])}
+    with open(path + ".json.tmp", "w") as f:
+        json.dump({"episodes": len(returns), "mean_return": float(np.mean(returns)), "lander_mean_return": components}, f, indent=2)
+    os.replace(path + ".json.tmp", path + ".json")
+    return [np.concatenate(column) for column in zip(*parts)], returns, components
 
 
 def make_dataset_tensors(columns, device):
@@ -259,28 +383,35 @@ def icq_weights(x, temperature, mask=None):
     return torch.where(mask, weights, torch.zeros_like(weights))  # a column with no valid entry gives 0, not NaN
 
 
-def critic_target(reward, done, next_q, gamma, temperature, scale=1.0, clip=False):
-    """The ICQ target r + gamma (1 - d) rho Q'(s', a') with rho = exp(Q'/T) / Z (eq. 10), all [B].
+def critic_weights(next_q, done, temperature, scale, clip):
+    """rho(s', a') = exp(Q'/T) / Z of eq. 10 with the batch Z: clamp(scale * n * softmax_batch(Q'/T), 0, 1) by default.
 
-    a' is the dataset's next action, so no out-of-data action is ever queried. Terminal rows carry no a' and stay out
-    of the softmax. `scale` and `clip` reproduce the authors' rho = clamp(B/2 * softmax, 0, 1).
+    Terminal rows carry no a' and stay out of the softmax. Unclipped (clip=False, scale=1, the literal eq. 10), the softmax
+    runs across *different* states, so one row's weight can reach n: gamma * rho > 1 there, the backup is no contraction
+    and Q diverges on mixed data. The authors' clamp keeps gamma * rho <= gamma.
     """
     rho = scale * icq_weights(next_q, temperature, mask=done == 0)
-    if clip:
-        rho = rho.clamp(0.0, 1.0)
-    return reward + gamma * (1.0 - done) * rho * next_q
+    return rho.clamp(0.0, 1.0) if clip else rho
+
+
+def critic_target(reward, done, next_q, gamma, temperature, scale=1.0, clip=False):
+    """The ICQ target r + gamma (1 - d) rho Q'(s', a') (eq. 10), all [B]; a' is the dataset's next action."""
+    return reward + gamma * (1.0 - done) * critic_weights(next_q, done, temperature, scale, clip) * next_q
 
 
 def critic_loss(critic, critic_target_net, batch, gamma, temperature, scale=1.0, clip=False):
     """Squared error to the ICQ target; twin critics share one target built from their min (authors' AntMaze code).
 
     Q and Q' are evaluated only at the batch's (s, a) and (s', a'): the implicit constraint of eq. 10.
+    Returns the loss, Q(s, a) [num_q, B] and rho [B] (detached, for the divergence monitor).
     """
     obs, act, rew, next_obs, next_act, done = batch
     with torch.no_grad():
         next_q = critic_target_net(next_obs, next_act).min(0).values
-        target = critic_target(rew, done, next_q, gamma, temperature, scale, clip)
-    return ((critic(obs, act) - target) ** 2).mean(1).sum()
+        rho = critic_weights(next_q, done, temperature, scale, clip)
+        target = rew + gamma * (1.0 - done) * rho * next_q
+    q = critic(obs, act)
+    return ((q - target) ** 2).mean(1).sum(), q.detach(), rho
 
 
 @torch.no_grad()
@@ -293,7 +424,12 @@ def actor_signal(critic, batch, gamma, kind):
 
 
 def actor_loss(log_prob, signal, temperature):
-    """Weighted behaviour cloning, the KL(pi* || pi_theta) objective of Sec. 4.2: -mean(exp(signal/T)/Z * log pi)."""
+    """Weighted behaviour cloning, the KL(pi* || pi_theta) objective of Sec. 4.2: -mean(exp(signal/T)/Z * log pi).
+
+    temperature = inf is exact behaviour cloning: every weight is exactly 1 (not n * softmax(0), which rounds).
+    """
+    if temperature == float("inf"):
+        return -log_prob.mean()
     return -(icq_weights(signal, temperature) * log_prob).mean()
 
 
@@ -316,35 +452,27 @@ def evaluate(actor, env, episodes, seed, device, antmaze):
     return float(np.mean(returns)), float(np.mean(successes))
 
 
-def normalized_score(args, minari_dataset, mean_return, success_rate):
-    """x100 scores: AntMaze success rate; Minari's reference scores; D4RL's for an original D4RL file."""
-    if args.preset == "antmaze":
+def normalized_score(refs, antmaze, mean_return, success_rate):
+    """x100 scores: AntMaze success rate; otherwise 100 (return - ref_min) / (ref_max - ref_min), None without references."""
+    if antmaze:
         return 100.0 * success_rate
-    if minari_dataset is not None:
-        import minari
-
-        try:
-            return 100.0 * float(minari.get_normalized_score(minari_dataset, np.array([mean_return]))[0])
-        except ValueError:  # the dataset has no reference scores
-            return None
-    for name, (low, high) in D4RL_REF_SCORES.items():
-        if name in os.path.basename(args.dataset_path).lower():
-            return 100.0 * (mean_return - low) / (high - low)
-    return None
+    return None if refs is None else 100.0 * (mean_return - refs[0]) / (refs[1] - refs[0])
 
 
-if __name__ == "__main__":
-    args = resolve_args(tyro.cli(Args))
-    gym.register_envs(gymnasium_robotics)  # AntMaze and Adroit ids for --env-id
+def main(args):
+    """Algorithm 1: one critic step (eq. 10) and one weighted-BC actor step per minibatch; returns the summary."""
+    torch.set_num_threads(args.threads)
     checkpoint = None
     if args.resume is not None:
         if not os.path.isfile(args.resume):
             fail(f"--resume {args.resume}: no such checkpoint")
         checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
-        if (checkpoint["args"]["dataset_id"], checkpoint["args"]["dataset_path"]) != (args.dataset_id, args.dataset_path):
-            fail(f"--resume {args.resume} was trained on {checkpoint['args']['dataset_id'] or checkpoint['args']['dataset_path']}; pass the same dataset")
+        keys = ("dataset_id", "dataset_path", "env_id", "quality", "dataset_size")
+        if any(checkpoint["args"].get(k) != getattr(args, k) for k in keys):
+            fail(f"--resume {args.resume} was trained with " + ", ".join(f"--{k.replace('_', '-')} {checkpoint['args'].get(k)}" for k in keys)
+                 + "; pass the same data")
         args.run_name = args.run_name or os.path.basename(os.path.dirname(os.path.abspath(args.resume)))
-    dataset_name = (args.dataset_id or os.path.splitext(os.path.basename(args.dataset_path))[0]).replace("/", "-")
+    dataset_name = (args.dataset_id or os.path.splitext(os.path.basename(args.dataset_path or ""))[0] or f"{args.env_id}-{args.quality}").replace("/", "-")
     run_name = args.run_name or f"{dataset_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = f"runs/{run_name}"
     ckpt_path = f"{run_dir}/checkpoint.pt"
@@ -357,15 +485,15 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # Data and evaluation env
-    minari_dataset = None
+    minari_dataset, components = None, None
     if args.dataset_id is not None:
-        columns, minari_dataset = load_minari(args.dataset_id, args.timeout_as_terminal)
+        columns, returns, minari_dataset = load_minari(args.dataset_id, args.timeout_as_terminal)
+    elif args.dataset_path is not None:
+        columns, returns = load_d4rl_hdf5(args.dataset_path, args.timeout_as_terminal)
     else:
-        columns = load_d4rl_hdf5(args.dataset_path, args.timeout_as_terminal)
-    try:
-        env = gym.make(args.env_id) if args.env_id else minari_dataset.recover_environment(eval_env=True)
-    except gym.error.Error as exc:
-        fail(f"--env-id {args.env_id}: {exc}")
+        columns, returns, components = builtin_data(args.quality, args.dataset_size)
+    env = make_env(args.env_id, minari_dataset)
+    refs = reference_scores(args, minari_dataset)
     data = make_dataset_tensors(columns, device)
     obs_dim, act_dim = data["obs"].shape[1], data["actions"].shape[1]
     env_obs_dim = flatten_obs(env.observation_space.sample()).shape[0]
@@ -375,7 +503,13 @@ if __name__ == "__main__":
             f"{env.action_space.shape[0]} (data: {args.dataset_id or args.dataset_path}, env: {env.spec.id}); pick the matching --env-id"
         )
     num_transitions = data["rewards"].shape[0]
-    print(f"{num_transitions} transitions from {args.dataset_id or args.dataset_path}, preset {args.preset}, eval env {env.spec.id}")
+    dataset_return = float(np.mean(returns))
+    # |Q| <= max|r| / (1 - gamma) for any policy's values: a critic beyond it diverges (gamma * rho > 1 somewhere).
+    q_bound = float(data["rewards"].abs().max()) / (1.0 - args.gamma)
+    print(f"{num_transitions} transitions from {dataset_name} ({len(returns)} episodes, mean return {dataset_return:.1f}), "
+          f"preset {args.preset}, eval env {env.spec.id}", flush=True)
+    if components is not None:
+        print("mean return per lander: " + ", ".join(f"{k} {v:.1f}" for k, v in components.items()), flush=True)
 
     actor = Actor(obs_dim, act_dim, env.action_space).to(device)
     critic = Critic(obs_dim, act_dim, 2 if args.twin_q else 1).to(device)
@@ -418,12 +552,15 @@ if __name__ == "__main__":
             fail(f"non-finite loss (NaN or inf) at step {int(nonfinite_step)}; training stopped, {kept}")
 
     nonfinite_step = torch.full((), -1, device=device)  # first step with a NaN/inf loss, read only at log intervals
+    q_abs_max = torch.zeros((), device=device)  # running max of |Q(s, a)| over the batches, read only at log intervals
+    q_exceeded_step = torch.full((), -1, device=device)  # first step with |Q| > q_bound
+    warned = False
     start_time, eval_seconds = time.time(), 0.0
     for step in range(start_step + 1, args.total_steps + 1):
         idx = torch.randint(num_transitions, (args.batch_size,), device=device)
 
         batch = tuple(data[k][idx] for k in ("obs", "actions", "rewards", "next_obs", "next_actions", "dones"))
-        loss_q = critic_loss(critic, critic_target_net, batch, args.gamma, args.critic_alpha, args.critic_weight_scale, args.clip_critic_weights)
+        loss_q, q, rho = critic_loss(critic, critic_target_net, batch, args.gamma, args.critic_alpha, args.critic_weight_scale, args.clip_critic_weights)
         critic_optimizer.zero_grad()
         loss_q.backward()
         critic_optimizer.step()
@@ -439,6 +576,8 @@ if __name__ == "__main__":
             for p, p_target in zip(critic.parameters(), critic_target_net.parameters()):
                 p_target.lerp_(p, args.tau)
         nonfinite_step = torch.where((nonfinite_step < 0) & ~torch.isfinite(loss_q + loss_pi), step, nonfinite_step)
+        q_abs_max = torch.maximum(q_abs_max, q.abs().max())
+        q_exceeded_step = torch.where((q_exceeded_step < 0) & (q_abs_max > q_bound), step, q_exceeded_step)
 
         if step % args.log_interval == 0:
             check_finite(nonfinite_step)
@@ -446,8 +585,18 @@ if __name__ == "__main__":
             writer.add_scalar("losses/critic_loss", loss_q.item(), step)
             writer.add_scalar("losses/actor_loss", loss_pi.item(), step)
             writer.add_scalar("losses/actor_signal", signal.mean().item(), step)
+            writer.add_scalar("losses/q_mean", q.mean().item(), step)
+            writer.add_scalar("losses/max_critic_weight", rho.max().item(), step)
+            writer.add_scalar("losses/q_abs_max", q_abs_max.item(), step)
             writer.add_scalar("charts/SPS", sps, step)
-            print(f"step {step}/{args.total_steps} | critic {loss_q.item():.4f} | actor {loss_pi.item():.4f} | {sps} steps/s")
+            print(f"step {step}/{args.total_steps} | critic {loss_q.item():.4f} | actor {loss_pi.item():.4f} | Q mean {q.mean().item():.1f} "
+                  f"| max rho {rho.max().item():.2f} | {sps} steps/s", flush=True)
+            if not warned and int(q_exceeded_step) >= 0:
+                warned = True
+                fix = ("use the authors' clamped weight (drop --no-clip-critic-weights)" if not args.clip_critic_weights
+                       else "try a larger --critic-alpha or --critic-weight-scale 0.5")
+                print(f"warning: |Q| = {q_abs_max.item():.3g} at step {int(q_exceeded_step)} left the bound max|r| / (1 - gamma) = {q_bound:.3g} "
+                      f"that the rewards imply: the critic diverges; {fix}", file=sys.stderr, flush=True)
 
         if step % args.eval_interval == 0 or step == args.total_steps:
             check_finite(nonfinite_step)
@@ -455,13 +604,13 @@ if __name__ == "__main__":
             actor.eval()
             mean_return, success_rate = evaluate(actor, env, args.eval_episodes, args.seed + 10_000, device, args.preset == "antmaze")
             actor.train()
-            score = normalized_score(args, minari_dataset, mean_return, success_rate)
+            score = normalized_score(refs, args.preset == "antmaze", mean_return, success_rate)
             eval_seconds += time.time() - eval_start
             evaluations.append({"step": step, "return": mean_return, "score": score, "success_rate": success_rate})
             writer.add_scalar("eval/episodic_return", mean_return, step)
             if score is not None:
                 writer.add_scalar("eval/normalized_score", score, step)
-            print(f"eval step {step}: return {mean_return:.1f}" + (f", score {score:.1f}" if score is not None else ""))
+            print(f"eval step {step}: return {mean_return:.1f}" + (f", score {score:.1f}" if score is not None else ""), flush=True)
             if args.save_model:
                 save_checkpoint(step)
 
@@ -477,10 +626,21 @@ if __name__ == "__main__":
         "updates_per_second": (args.total_steps - start_step) / max(wall_seconds - eval_seconds, 1e-9),
         "wall_seconds": wall_seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "dataset_return": dataset_return,
+        "dataset_lander_returns": components,
+        "reference_scores": None if refs is None else {"min": refs[0], "max": refs[1], "source": refs[2]},
+        "q_abs_max": q_abs_max.item(),
+        "q_bound": q_bound,
         "evaluations": evaluations,
     }
     with open(f"{run_dir}/summary.json", "w") as f:
         json.dump(summary, f, indent=2)
-    print(f"done: final score {summary['final_score']}, best {summary['best_score']}, summary in {run_dir}/summary.json")
+    print(f"done: final score {summary['final_score']}, best {summary['best_score']}, summary in {run_dir}/summary.json", flush=True)
     env.close()
     writer.close()
+    return summary
+
+
+if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines reach log files as they happen
+    main(resolve_args(tyro.cli(Args)))

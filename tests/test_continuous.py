@@ -3,11 +3,13 @@ import dataclasses
 import json
 
 import gymnasium as gym
+import gymnasium_robotics
 import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import assert_user_error, run_script
+import tyro
+from conftest import ROOT, assert_user_error, run_script
 
 import icq_continuous as icq
 
@@ -79,6 +81,32 @@ def test_actor_loss_limits():
     assert torch.allclose(icq.actor_loss(log_prob, signal, 1e-4), -log_prob[signal.argmax()])
 
 
+def test_alpha_inf_is_exact_behaviour_cloning():
+    """--alpha inf weights every log-likelihood exactly 1, whatever the signal (a huge finite alpha does not, once Q grows)."""
+    log_prob = torch.randn(37, requires_grad=True)
+    for signal in (torch.randn(37), torch.randn(37) * 1e30, torch.full((37,), torch.inf)):
+        loss = icq.actor_loss(log_prob, signal, float("inf"))
+        (grad,) = torch.autograd.grad(loss, log_prob)
+        assert torch.equal(loss, -log_prob.mean()) and torch.equal(grad, torch.full((37,), -1 / 37))
+    assert not torch.equal(icq.actor_loss(log_prob, torch.randn(37) * 1e12, 1e9), -log_prob.mean())
+    args = icq.resolve_args(tyro.cli(icq.Args, args=["--alpha", "inf"]))
+    assert args.alpha == float("inf") and "exact behaviour" in run_script(SCRIPT, "--help", cwd=ROOT).stdout
+
+
+def test_clamped_critic_weight_is_the_default():
+    """The authors' rho = clamp(scale * n * softmax, 0, 1) in every preset; the unclipped eq.-10 weight only on request."""
+    for preset in icq.PRESETS:
+        args = icq.resolve_args(tyro.cli(icq.Args, args=["--preset", preset]))
+        assert args.clip_critic_weights and args.critic_weight_scale == icq.PRESETS[preset]["critic_weight_scale"]
+    assert icq.PRESETS["locomotion"]["critic_weight_scale"] == icq.PRESETS["adroit"]["critic_weight_scale"] == 0.5
+    assert icq.PRESETS["antmaze"]["critic_weight_scale"] == 1.0
+    args = icq.resolve_args(tyro.cli(icq.Args, args=["--no-clip-critic-weights", "--critic-weight-scale", "1"]))
+    assert not args.clip_critic_weights and args.critic_weight_scale == 1.0
+    next_q, done = torch.tensor([0.0, 1.0, 50.0, 2.0]), torch.zeros(4)
+    assert icq.critic_weights(next_q, done, 1.0, 1.0, True).max() == 1.0
+    assert icq.critic_weights(next_q, done, 1.0, 1.0, False).max() > 3.9  # one row takes ~n: gamma * rho > 1
+
+
 class SpyCritic(torch.nn.Module):
     """Records every action a critic is asked about."""
 
@@ -97,14 +125,14 @@ def test_critic_only_sees_dataset_actions(num_q):
     torch.manual_seed(0)
     batch = (torch.randn(8, 3), torch.rand(8, 2), torch.randn(8), torch.randn(8, 3), torch.rand(8, 2), torch.zeros(8))
     critic, target = SpyCritic(num_q), SpyCritic(num_q)
-    loss = icq.critic_loss(critic, target, batch, 0.99, 1.0)
+    loss, q, rho = icq.critic_loss(critic, target, batch, 0.99, 1.0)
     loss.backward()
     for kind in ("td", "q"):
         icq.actor_signal(critic, batch, 0.99, kind)
     allowed = torch.cat([batch[1], batch[4]])
     for act in critic.seen + target.seen:
         assert all((row == allowed).all(1).any() for row in act)
-    assert loss.shape == () and torch.isfinite(loss)
+    assert loss.shape == () and torch.isfinite(loss) and q.shape == (num_q, 8) and rho.shape == (8,)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -146,7 +174,9 @@ def test_d4rl_loader_respects_episode_boundaries(tmp_path):
     write_d4rl_file(path, [(4, False), (3, True), (5, False)])
     with h5py.File(path) as f:
         obs, act = f["observations"][:], f["actions"][:]
-    s, a, r, s2, a2, d = icq.load_d4rl_hdf5(str(path), False)
+    (s, a, r, s2, a2, d), returns = icq.load_d4rl_hdf5(str(path), False)
+    with h5py.File(path) as f:
+        assert np.allclose(returns, [f["rewards"][:4].sum(), f["rewards"][4:7].sum(), f["rewards"][7:].sum()])  # every step counts
     # 4-step timeout -> 3 rows, 3-step terminal -> 3 rows, 5-step timeout -> 4 rows
     rows = [0, 1, 2, 4, 5, 6, 7, 8, 9, 10]
     assert np.array_equal(s, obs[rows]) and np.array_equal(a, act[rows]) and np.array_equal(d, [0, 0, 0, 0, 0, 1, 0, 0, 0, 0])
@@ -155,7 +185,7 @@ def test_d4rl_loader_respects_episode_boundaries(tmp_path):
     assert np.array_equal(s2[non_terminal], obs[[rows[i] + 1 for i in non_terminal]])
     # AntMaze files: the goal is appended to the 29-d observation.
     write_d4rl_file(tmp_path / "antmaze.hdf5", [(6, False)], obs_dim=29, act_dim=8, goal=True)
-    s, *_ , d = icq.load_d4rl_hdf5(str(tmp_path / "antmaze.hdf5"), True)
+    (s, *_, d), _ = icq.load_d4rl_hdf5(str(tmp_path / "antmaze.hdf5"), True)
     assert s.shape == (6, 31) and d[-1] == 1
 
 
@@ -185,7 +215,8 @@ def make_minari_hopper(dataset_id="test/hopper/random-v0", episodes=4, length=40
 
 
 def test_minari_end_to_end(tmp_path, monkeypatch):
-    assert "--dataset-id" in run_script(SCRIPT, "--help", cwd=tmp_path).stdout
+    help_text = run_script(SCRIPT, "--help", cwd=tmp_path)
+    assert "--dataset-id" in help_text.stdout and "Adroit" not in help_text.stderr  # gymnasium-robotics only when needed
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))  # the script inherits it
     make_minari_hopper()
     proc = run_script(SCRIPT, "--dataset-id", "test/hopper/random-v0", "--total-steps", 200, "--eval-interval", 200,
@@ -195,7 +226,14 @@ def test_minari_end_to_end(tmp_path, monkeypatch):
     assert summary["args"]["preset"] == "locomotion" and summary["args"]["batch_size"] == 64
     (evaluation,) = summary["evaluations"]
     assert evaluation["step"] == 200 and summary["final_score"] == pytest.approx(100 * (evaluation["return"] + 20) / 3020)
+    assert summary["reference_scores"] == {"min": -20.0, "max": 3000.0, "source": "Minari metadata of test/hopper/random-v0"}
     assert summary["updates_per_second"] > 0 and summary["peak_rss_mb"] > 0 and summary["wall_seconds"] > 0
+    import minari
+
+    episodes = list(minari.load_dataset("test/hopper/random-v0").iterate_episodes())
+    assert summary["dataset_return"] == pytest.approx(np.mean([ep.rewards.sum() for ep in episodes]))
+    assert 0 < summary["q_abs_max"] <= summary["q_bound"] == pytest.approx(max(abs(ep.rewards).max() for ep in episodes) / 0.01, rel=1e-4)
+    assert "Adroit" not in proc.stderr
     assert list((tmp_path / "runs/m").glob("events.out.tfevents.*"))
 
 
@@ -206,7 +244,8 @@ def test_minari_antmaze_dict_observations_and_success_score(tmp_path, monkeypatc
     import minari
 
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
-    spec = gym.spec("AntMaze_UMaze-v4")  # registered by gymnasium_robotics, which icq_continuous imports
+    gym.register_envs(gymnasium_robotics)  # the script imports it itself only when an env id needs it
+    spec = gym.spec("AntMaze_UMaze-v4")
     eval_env = dataclasses.replace(spec, max_episode_steps=30, kwargs={**spec.kwargs, "continuing_task": True})
     rng = np.random.default_rng(0)
     buffers = []
@@ -231,8 +270,8 @@ def load_params(path):
 
 
 def test_d4rl_file_end_to_end_and_resume_equality(tmp_path):
-    write_d4rl_file(tmp_path / "hopper-medium-test.hdf5", [(30, False), (20, True), (30, False)])
-    common = ["--dataset-path", "hopper-medium-test.hdf5", "--env-id", "Hopper-v5", "--eval-episodes", 1, "--log-interval", 50,
+    write_d4rl_file(tmp_path / "hopper-medium-v2.hdf5", [(30, False), (20, True), (30, False)])
+    common = ["--dataset-path", "hopper-medium-v2.hdf5", "--env-id", "Hopper-v5", "--eval-episodes", 1, "--log-interval", 50,
               "--eval-interval", 60, "--save-model", "--twin-q", "True"]
     run_script(SCRIPT, *common, "--total-steps", 120, "--run-name", "straight", cwd=tmp_path)
     run_script(SCRIPT, *common, "--total-steps", 60, "--run-name", "half", cwd=tmp_path)
@@ -245,10 +284,11 @@ def test_d4rl_file_end_to_end_and_resume_equality(tmp_path):
     assert straight["evaluations"] == resumed["evaluations"] and len(resumed["evaluations"]) == 2
     summary = json.loads((tmp_path / "runs/half/summary.json").read_text())
     assert summary["final_score"] == pytest.approx(100 * (summary["final_return"] + 20.272305) / (3234.3 + 20.272305))
+    assert summary["reference_scores"]["source"] == "D4RL reference returns for hopper-medium-v2 (d4rl/infos.py)"
 
     # A loss that overflows stops training, names the step and leaves the last checkpoint as it was.
     before = (tmp_path / "runs/half/checkpoint.pt").read_bytes()
-    write_d4rl_file(tmp_path / "hopper-medium-test.hdf5", [(30, False), (20, True), (30, False)], reward_value=1e30)
+    write_d4rl_file(tmp_path / "hopper-medium-v2.hdf5", [(30, False), (20, True), (30, False)], reward_value=1e30)
     proc = run_script(SCRIPT, *common, "--total-steps", 200, "--resume", "runs/half/checkpoint.pt", cwd=tmp_path, check=False)
     assert_user_error(proc, "non-finite loss", "at step 121", "runs/half/checkpoint.pt is unchanged")
     assert (tmp_path / "runs/half/checkpoint.pt").read_bytes() == before
@@ -272,3 +312,104 @@ def test_bad_inputs(tmp_path):
                       "--env-id Hoper-v5")
     assert_user_error(run_script(SCRIPT, "--dataset-path", "hopper.hdf5", "--env-id", "Hopper-v5", "--alpha", 0, cwd=tmp_path, check=False),
                       "must be > 0")
+    assert_user_error(run_script(SCRIPT, "--env-id", "Pendulum-v1", cwd=tmp_path, check=False), "no built-in dataset", "LunarLanderContinuous-v3")
+    assert_user_error(run_script(SCRIPT, "--ref-min-score", 0, cwd=tmp_path, check=False), "--ref-max-score")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reference scores, built-in data, divergence monitor and a learning regression on a task built here
+def test_reference_score_rule():
+    """D4RL's references only for a D4RL file named as D4RL names it; explicit references win; otherwise None."""
+    def refs(*cli):
+        return icq.reference_scores(icq.resolve_args(tyro.cli(icq.Args, args=list(cli))), None)
+
+    d4rl = refs("--dataset-path", "data/hopper-medium-v2.hdf5", "--env-id", "Hopper-v5")
+    assert d4rl[:2] == (-20.272305, 3234.3) and "D4RL" in d4rl[2]
+    assert refs("--dataset-path", "door-human-v0.hdf5", "--env-id", "AdroitHandDoor-v1")[:2] == (-56.512833, 2880.5693)
+    for name in ("hopper-medium-test.hdf5", "my_hopper.hdf5", "hopper-medium-v2-resampled.hdf5", "walker.hdf5"):
+        assert refs("--dataset-path", name, "--env-id", "Hopper-v5") is None, name
+    assert refs("--dataset-path", "my_hopper.hdf5", "--env-id", "Hopper-v5", "--ref-min-score", "-5", "--ref-max-score", "95") == (
+        -5.0, 95.0, "--ref-min-score/--ref-max-score")
+    assert refs()[:2] == (icq.RANDOM_RETURN, icq.HEURISTIC_RETURN)
+    assert icq.normalized_score((-5.0, 95.0, ""), False, 45.0, 0.0) == 50.0 and icq.normalized_score(None, False, 45.0, 0.0) is None
+
+
+def test_builtin_dataset(tmp_path):
+    """`python icq_continuous.py` runs offline on the built-in mixed LunarLander data and reports each lander's return."""
+    common = ["--dataset-size", 400, "--total-steps", 20, "--eval-interval", 20, "--log-interval", 10, "--eval-episodes", 1, "--batch-size", 16]
+    proc = run_script(SCRIPT, *common, "--run-name", "b", cwd=tmp_path)
+    assert "generating datasets/LunarLanderContinuous-v3-mixed-400.npz" in proc.stdout and "Adroit" not in proc.stderr
+    summary = json.loads((tmp_path / "runs/b/summary.json").read_text())
+    info = json.loads((tmp_path / "datasets/LunarLanderContinuous-v3-mixed-400.json").read_text())
+    landers = summary["dataset_lander_returns"]
+    assert landers == info["lander_mean_return"] and summary["dataset_return"] == pytest.approx(info["mean_return"])
+    assert list(landers) == list(icq.BUILTIN["mixed"]) and max(landers, key=landers.get) == "heuristic"
+    assert summary["args"]["preset"] == "lunarlander" and summary["reference_scores"]["min"] == icq.RANDOM_RETURN
+    (evaluation,) = summary["evaluations"]
+    assert evaluation["score"] == pytest.approx(100 * (evaluation["return"] - icq.RANDOM_RETURN) / (icq.HEURISTIC_RETURN - icq.RANDOM_RETURN))
+    proc = run_script(SCRIPT, *common, "--run-name", "b2", cwd=tmp_path)  # the cached file is reused
+    assert "generating" not in proc.stdout
+    assert json.loads((tmp_path / "runs/b2/summary.json").read_text())["dataset_return"] == summary["dataset_return"]
+
+
+class PointMass(gym.Env):
+    """x' = clip(x + 0.2 a, -1, 1), reward x', 10 steps from x ~ 0: pushing right (a = 1) is best (return ~8)."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.x = float(self.np_random.uniform(-0.1, 0.1))
+        return np.array([self.x], np.float32), {}
+
+    def step(self, action):
+        self.x = float(np.clip(self.x + 0.2 * float(np.clip(action[0], -1, 1)), -1, 1))
+        return np.array([self.x], np.float32), self.x, False, False, {}
+
+
+@pytest.fixture
+def point_mass_data(tmp_path, monkeypatch):
+    """A D4RL-layout file where a quarter of the episodes push right and the rest push left (BC's mean action is ~ -0.5)."""
+    if "PointMass1D-v0" not in gym.registry:
+        gym.register("PointMass1D-v0", entry_point=PointMass, max_episode_steps=10)
+    monkeypatch.chdir(tmp_path)
+    rng, env, rows = np.random.default_rng(0), gym.make("PointMass1D-v0"), []
+    for ep in range(40):
+        obs, _ = env.reset(seed=ep)
+        for t in range(10):
+            action = np.array([(1.0 if ep % 4 == 0 else -1.0) * (1 - abs(rng.normal(0, 0.2)))], np.float32)
+            next_obs, reward, _, truncated, _ = env.step(action)
+            rows.append((obs, action, reward, truncated))
+            obs = next_obs
+    with h5py.File("point-mass.hdf5", "w") as f:
+        for key, column in zip(("observations", "actions", "rewards", "timeouts"), zip(*rows)):
+            f[key] = np.array(column, np.float32 if key != "timeouts" else bool)
+        f["terminals"] = np.zeros(len(rows), bool)
+    return ["--dataset-path", "point-mass.hdf5", "--env-id", "PointMass1D-v0", "--batch-size", "64", "--eval-episodes", "5"]
+
+
+def train(*cli):
+    return icq.main(icq.resolve_args(tyro.cli(icq.Args, args=[str(c) for c in cli])))
+
+
+# A critic temperature small against this task's Q spread: the unclipped eq.-10 weight then reaches ~n on single rows.
+POINT_MASS_ICQ = ["--alpha", "0.1", "--critic-alpha", "1", "--total-steps", "1500", "--eval-interval", "1500", "--log-interval", "250"]
+
+
+def test_icq_beats_exact_bc_and_q_stays_bounded(point_mass_data):
+    """Learning regression: from data where 3 of 4 episodes push the wrong way, ICQ's weighted BC recovers the right-pushing
+    policy while exact BC clones the majority; the default (clamped) critic stays inside max|r| / (1 - gamma) all run long."""
+    icq_run = train(*point_mass_data, *POINT_MASS_ICQ, "--run-name", "icq")
+    bc_run = train(*point_mass_data, *POINT_MASS_ICQ, "--alpha", "inf", "--run-name", "bc")
+    assert icq_run["final_return"] > 4.0 and bc_run["final_return"] < 0.0, (icq_run["final_return"], bc_run["final_return"])
+    assert icq_run["q_abs_max"] <= icq_run["q_bound"] == pytest.approx(1 / (1 - 0.99))
+
+
+def test_unclipped_critic_weight_diverges_with_one_warning(point_mass_data, capsys):
+    """The literal eq.-10 weight leaves the reward-implied bound; the run warns once, with the step and the flag."""
+    summary = train(*point_mass_data, *POINT_MASS_ICQ, "--no-clip-critic-weights", "--critic-weight-scale", "1",
+                    "--total-steps", "800", "--eval-interval", "800", "--log-interval", "100", "--run-name", "unclipped")
+    err = capsys.readouterr().err
+    assert summary["q_abs_max"] > summary["q_bound"]
+    assert err.count("warning: |Q|") == 1 and "at step" in err and "drop --no-clip-critic-weights" in err
