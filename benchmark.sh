@@ -12,12 +12,14 @@
 #                                                    full budgets); without --dry-run it runs it (data must be present)
 # Options:
 #   --launcher local|slurm  local (default): --workers N runs at a time (default 2; speed: 1, so timings do not collide).
-#                           slurm: one `sbatch --array` job, one run per task, then an aggregation job that depends on
-#                           it; benchmark.sh waits for it (--no-wait: return after submitting). --sbatch-args "..." go to
+#                           slurm: a job that makes each dataset once, then ONE `sbatch --array` job with one run per
+#                           task, then an aggregation job that depends on it; benchmark.sh waits for the aggregation
+#                           (--no-wait: return after submitting; --workers N caps the tasks running at once). --sbatch-args "..." go to
 #                           every sbatch call (e.g. "--partition cpu --time 04:00:00"); SBATCH_* variables work too.
 #   --tiny                  a smoke-test grid: one dataset, ICQ and BC, one seed, a few steps; tables go to runs/tiny/
 #   --list                  print the runs' command lines and exit (the same as --dry-run)
 #   anything else           passed to every run, e.g. --no-cuda or --threads 1
+# BENCH_MACHINE_NOTE="..." adds a line about the machine (e.g. its load) to benchmarks/speed.md.
 # Every run logs to runs/logs/<run_name>.log as it goes and writes runs/<run_name>/summary.json; the aggregation
 # (benchmarks/aggregate.py) reads only the runs of the grid it was given, so a missing run shows as missing.
 set -euo pipefail
@@ -37,8 +39,8 @@ MA_SWEEP_ALPHAS="0.01 0.1 1 10 inf"
 TINY_STEPS=20; TINY_DATASET_SIZE=2000
 # --- Speed: standard sizes; each measurement is repeated and the median reported -----------------------------------
 SPEED_REPEATS=3
-SPEED_CONT_STEPS=2000   # Hopper sizes (obs 11, act 3), batch 256, synthetic D4RL-layout HDF5 of 1k and 1M transitions
-SPEED_DISC_STEPS=2000   # LunarLander-v3 (obs 8, 4 actions), batch 256, both normalisers
+SPEED_CONT_STEPS=1000   # Hopper sizes (obs 11, act 3), batch 256, synthetic D4RL-layout HDF5 of 1k and 1M transitions
+SPEED_DISC_STEPS=1000   # LunarLander-v3 (obs 8, 4 actions), batch 256, both normalisers
 SPEED_MA_ITERATIONS=20  # SMAX 3s_vs_5z, 32 episodes per batch, both critic-update modes
 # --- The paper's grid: every script's own defaults / presets are the full budgets ----------------------------------
 PAPER_SEEDS="1 2 3 4 5"
@@ -190,12 +192,11 @@ launch() {  # launch SUBCOMMAND PREPARE_LIST RUN_LIST
   command -v sbatch >/dev/null || { echo "error: --launcher slurm needs sbatch on PATH" >&2; exit 1; }
   local limit="" prep main tiny=""; [ -n "$WORKERS" ] && limit="%$WORKERS"; [ "$TINY" = 1 ] && tiny=--tiny
   mkdir -p runs/slurm
-  # shellcheck disable=SC2086
   local common=(--parsable --chdir "$PWD" --output "runs/slurm/%x_%A_%a.out") after=() rc=0 agg
   # shellcheck disable=SC2086
-  if [ "$n_prep" -gt 0 ]; then
-    prep=$(sbatch "${common[@]}" $SBATCH_ARGS --job-name "icq-$1-prepare" --array "1-$n_prep$limit" \
-      --wrap "bash benchmark.sh _task $2 \$SLURM_ARRAY_TASK_ID")
+  if [ "$n_prep" -gt 0 ]; then  # one job makes each dataset once, one after the other
+    prep=$(sbatch "${common[@]}" $SBATCH_ARGS --job-name "icq-$1-prepare" --output "runs/slurm/%x_%j.out" \
+      --wrap "for i in \$(seq 1 $n_prep); do bash benchmark.sh _task $2 \$i; done")
     after=(--dependency "afterany:${prep%%;*}")
   fi
   # shellcheck disable=SC2086

@@ -105,10 +105,11 @@ def missing_note(missing):
 
 def aggregate_learn(list_path, out_dir, kind="learn"):
     groups, missing = collect(list_path)
-    lines = [f"# {kind}: ICQ against exact behaviour cloning (`--alpha inf`)", "",
+    title = "ICQ against exact behaviour cloning (`--alpha inf`)" if kind == "learn" else "ICQ on the seed paper's datasets"
+    lines = [f"# {kind}: {title}", "",
              "Each run's value is the mean of its last 3 evaluations (score where the data has reference scores, else "
              "the return; win rate for ICQ-MA); the table shows mean ± std (ddof 1) over seeds. "
-             f"Made by `bash benchmark.sh {kind}` from `{list_path}`.", "",
+             f"Made by `bash benchmark.sh {kind}{' --tiny' if '_tiny' in list_path else ''}` from `{list_path}`.", "",
              "| script | dataset | method | metric | mean ± std | seeds | dataset return |", "|---|---|---|---|---|---|---|"]
     diffs = []
     for (script, dataset), methods in sorted(groups.items()):
@@ -154,9 +155,10 @@ def machine_lines():
     if os.path.exists("/proc/cpuinfo"):
         cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), cpu)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    note = [f"- note: {os.environ['BENCH_MACHINE_NOTE']}"] if os.environ.get("BENCH_MACHINE_NOTE") else []
     return [f"- machine: {cpu}, {os.cpu_count()} CPUs visible, GPU: {gpu}; {platform.system()} {platform.release()}",
             f"- versions: Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}",
-            f"- measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"]
+            f"- aggregated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; runs with OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}", *note]
 
 
 def aggregate_speed(list_path, out_dir):
@@ -251,6 +253,7 @@ def floor_discrete(opts, device):
     import icq_discrete as m
 
     episodes = m.builtin_episodes("LunarLander-v3", opts.quality, opts.dataset_size)
+    episodes = episodes[0] if isinstance(episodes, tuple) else episodes  # (episodes, info) in newer versions
     raw = sum(a.nbytes for ep in episodes for a in ep)
     data = m.make_dataset_tensors(episodes, device)
     held = sum(t.nbytes for t in data.values())
@@ -298,7 +301,9 @@ def floor_ma(opts, device):
 
     import icq_ma_smac as m
 
-    path = f"datasets/smax_{opts.map}_{opts.quality}.h5"
+    import glob
+
+    path = max(glob.glob(f"datasets/smax_{opts.map}_{opts.quality}*.h5"), key=os.path.getmtime)  # the script's cache
     with h5py.File(path, "r") as f:
         raw = sum(f[k].nbytes for k in m.DATA_KEYS)
         info = {"n_agents": f["obs"].shape[2], "n_actions": f["avail_actions"].shape[3], "obs_shape": f["obs"].shape[3],
@@ -309,7 +314,7 @@ def floor_ma(opts, device):
     idx = torch.randperm(data["obs"].shape[0], generator=torch.Generator().manual_seed(0))[: opts.batch_size].to(device)
     rows = int(data["rows"][idx].max())
     obs, state = data["obs"][idx, :rows].float(), data["state"][idx, :rows].float()
-    actions, avail = data["actions"][idx, :rows], data["avail"][idx, :rows]
+    actions = data["actions"][idx, :rows]
     reward = data["reward"][idx, : rows - 1]
     actor, critic, mixer = m.Actor(obs_dim, n_actions, n_agents).to(device), m.Critic(state_dim, obs_dim, n_actions, n_agents).to(device), m.Mixer(state_dim, n_agents).to(device)
     critic_target, mixer_target = m.Critic(state_dim, obs_dim, n_actions, n_agents).to(device), m.Mixer(state_dim, n_agents).to(device)
@@ -341,7 +346,7 @@ def floor_ma(opts, device):
         with torch.no_grad():
             critic(state[:, :-1], obs[:, :-1]), mixer(state[:, :-1])
         logits, _ = actor(obs[:, :-1], last_actions)
-        loss_pi = -m.masked_log_softmax(logits, avail[:, :-1]).gather(-1, actions[:, :-1].unsqueeze(-1)).mean()
+        loss_pi = -torch.log_softmax(logits, -1).gather(-1, actions[:, :-1].unsqueeze(-1)).mean()
         opt_step(actor_opt, loss_pi, list(actor.parameters()))
 
     note = "episode tensors padded to the longest episode (obs/state as stored, actions int64, avail bool, mask)"

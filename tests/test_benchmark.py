@@ -67,11 +67,13 @@ def test_paper_dry_run_lists_the_seed_papers_grid():
 
 
 def test_learn_and_sweep_lists_follow_the_naming_convention():
-    lines = bench("learn", "--dry-run", "--threads-are-not-a-flag-here-but-pass-through")
+    lines = bench("learn", "--dry-run")
+    assert all(check_line(line) for line in lines)
     runs = [line for line in lines if "--run-name learn__" in line]
     assert len(runs) == (2 + 2 + 4) * 2 * 3  # datasets x {icq, bc} x 3 seeds
-    assert all(line.endswith(f"--run-name {line.split('--run-name ')[1]}") for line in runs)
-    assert all("--threads-are-not-a-flag-here-but-pass-through" in line for line in lines), "extra args reach every run"
+    assert len(lines) - len(runs) == 8, "one preparation run per dataset"
+    extra = bench("learn", "--dry-run", "--some-flag", "a b")
+    assert all(shlex.split(line)[-4:-1] == ["--some-flag", "a b", "--run-name"] for line in extra), "extra args reach every run"
     names = [line.split("--run-name ")[1].split("__") for line in runs]
     assert all(len(n) == 5 and n[3] in ("icq", "bc") for n in names)
     assert all(("--alpha inf" in line) == ("__bc__" in line) for line in runs)
