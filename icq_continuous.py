@@ -106,7 +106,9 @@ class Args:
 
 
 # The authors' settings per domain (ICQ_softmax for MuJoCo/Adroit, ICQ-antmaze_softmax for AntMaze). Their critic weight
-# is clamp(scale * B * softmax_batch(Q'/T), 0, 1) in both; LunarLander's preset is ours (see README: chosen by measurement).
+# is clamp(scale * B * softmax_batch(Q'/T), 0, 1) in both. LunarLander's preset is ours: its rewards reach +-100 in one
+# step (landing, crash), so the MuJoCo T = 600 leaves weights ~1 (BC); T = 10 on TD errors separates actions, and the
+# critic's T = 1000 keeps rho ~ 1 (a SARSA-like evaluation, as icq_discrete.py and ICQ-MA).
 PRESETS = {
     "locomotion": dict(batch_size=32, alpha=600.0, critic_alpha=600.0, critic_weight_scale=0.5, twin_q=False, timeout_as_terminal=False, eval_episodes=10),
     "adroit": dict(batch_size=32, alpha=600.0, critic_alpha=600.0, critic_weight_scale=0.5, twin_q=False, timeout_as_terminal=False, eval_episodes=10),
