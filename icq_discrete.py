@@ -522,7 +522,8 @@ if __name__ == "__main__":
             check_finite(nonfinite_step)
             if int(q_exceeds_step) >= 0 and not warned:
                 warned = True
-                fix = "--critic-weight-scale 0.5 or a larger --critic-alpha" if args.clip_critic_weights or use_behavior else "--clip-critic-weights"
+                fix = ("a larger --critic-alpha" if use_behavior else "--critic-weight-scale 0.5 or a larger --critic-alpha"
+                       if args.clip_critic_weights else "--clip-critic-weights")
                 print(f"warning: |Q| = {float(q_abs_max):.3g} left the reward-implied bound max|r|/(1-gamma) = {q_bound:.3g} at step "
                       f"{int(q_exceeds_step)}: the critic is diverging; try {fix}", flush=True)
             sps = int((step - start_step) / (time.time() - start_time - eval_seconds))

@@ -293,17 +293,32 @@ def test_d4rl_hdf5_episode_boundaries_and_next_actions(tmp_path):
     ("float-actions", ("integer",)),
     ("lengths", ("different lengths",)),
     ("env", ("disagree", "observation size 3 vs 8")),
+    ("actions", ("disagree", "actions used by the data 5 vs the env's 4")),
 ])
 def test_d4rl_hdf5_errors(tmp_path, case, fragments):
     n = 6
     obs, actions = np.zeros((n, 8 if case != "env" else 3), np.float32), np.zeros(n, np.int64)
     if case == "float-actions":
         actions = np.full((n, 2), 0.5, np.float32)
+    if case == "actions":
+        actions = np.full(n, 4)
     rewards = np.zeros(n - 1 if case == "lengths" else n, np.float32)
     if case != "missing":
         write_d4rl(tmp_path / "d.hdf5", obs, actions, rewards, np.zeros(n, bool), np.zeros(n, bool), drop=("timeouts",) if case == "keys" else ())
     proc = run_script(SCRIPT, "--dataset-path", "d.hdf5", *TINY, cwd=tmp_path, env=ENV, check=False)
     assert_user_error(proc, *fragments)
+
+
+def test_q_leaving_the_reward_bound_warns_once_with_the_flag(tmp_path):
+    # All rewards 0: the bound max|r| / (1 - gamma) is 0, so the freshly initialised critic already leaves it at step 1.
+    rng = np.random.default_rng(0)
+    write_d4rl(tmp_path / "zero.hdf5", rng.normal(size=(40, 8)).astype(np.float32), rng.integers(4, size=40), np.zeros(40),
+               np.eye(40, dtype=bool)[19], np.zeros(40, bool))
+    proc = run_script(SCRIPT, "--dataset-path", "zero.hdf5", "--no-clip-critic-weights", "--run-name", "zero", *TINY, cwd=tmp_path, env=ENV)
+    warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and "at step 1:" in warnings[0] and "try --clip-critic-weights" in warnings[0]
+    summary = read_summary(tmp_path, "zero")
+    assert summary["q_bound"] == 0 < summary["q_abs_max"] and summary["final_score"] is None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
