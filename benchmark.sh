@@ -29,10 +29,12 @@ cd "$(dirname "$0")"
 SEEDS="1 2 3"
 CONT_STEPS=10000;    CONT_EVAL_INTERVAL=1000; CONT_EVAL_EPISODES=10   # icq_continuous.py, LunarLanderContinuous-v3
 DISC_STEPS=10000;    DISC_EVAL_INTERVAL=1000; DISC_EVAL_EPISODES=10   # icq_discrete.py, LunarLander-v3
-MA_ITERATIONS=1000;  MA_EVAL_INTERVAL=100;    MA_EVAL_EPISODES=32     # icq_ma_smac.py, SMAX (one iteration = one batch)
+MA_3M_ITERATIONS=400;   MA_3M_EVAL_INTERVAL=50    # icq_ma_smac.py, SMAX 3m (one iteration = one batch of 32 episodes)
+MA_2S3Z_ITERATIONS=100; MA_2S3Z_EVAL_INTERVAL=20  # SMAX 2s3z (its 120-step episodes cost ~8x 3m per iteration)
+MA_EVAL_EPISODES=32
 # --alpha sweeps: a few decades around each script's default, exact BC (inf) at the large end.
-SWEEP_SEEDS="1 2 3"
-CONT_SWEEP_ALPHAS="1 10 100 1000 inf"
+SWEEP_SEEDS="1"
+CONT_SWEEP_ALPHAS="1 3 10 100 inf"
 DISC_SWEEP_ALPHAS="0.1 1 10 100 inf"
 MA_SWEEP_ALPHAS="0.01 0.1 1 10 inf"
 # --tiny: one discrete dataset, ICQ and BC, one seed, a few steps on a small generated dataset.
@@ -58,15 +60,18 @@ learn_datasets() {  # script|dataset name|arguments that select it
   if [ "$TINY" = 1 ]; then echo "discrete|LunarLander-v3-mixed|--quality mixed --dataset-size $TINY_DATASET_SIZE"; return; fi
   for q in mixed medium; do echo "continuous|LunarLanderContinuous-v3-$q|--env-id LunarLanderContinuous-v3 --quality $q"; done
   for q in mixed medium; do echo "discrete|LunarLander-v3-$q|--quality $q"; done
-  for map in 3m 2s3z; do for q in good mixed; do echo "ma|$map-$q|--map $map --quality $q --critic-updates batched"; done; done
+  for map in 3m 2s3z; do for q in good mixed; do echo "ma|$map-$q|--map $map --quality $q"; done; done
 }
 
-budget() {  # budget SCRIPT: the step / evaluation arguments of the learn grid
+budget() {  # budget SCRIPT DATASET: the step / evaluation arguments of the learn grid
   if [ "$TINY" = 1 ]; then echo "--total-steps $TINY_STEPS --eval-interval $((TINY_STEPS / 2)) --eval-episodes 1 --log-interval 10"; return; fi
   case $1 in
     continuous) echo "--total-steps $CONT_STEPS --eval-interval $CONT_EVAL_INTERVAL --eval-episodes $CONT_EVAL_EPISODES" ;;
     discrete) echo "--total-steps $DISC_STEPS --eval-interval $DISC_EVAL_INTERVAL --eval-episodes $DISC_EVAL_EPISODES" ;;
-    ma) echo "--total-steps $MA_ITERATIONS --eval-interval $MA_EVAL_INTERVAL --eval-episodes $MA_EVAL_EPISODES --threads 1" ;;
+    ma) case $2 in
+          2s3z*) echo "--total-steps $MA_2S3Z_ITERATIONS --eval-interval $MA_2S3Z_EVAL_INTERVAL --eval-episodes $MA_EVAL_EPISODES --threads 1" ;;
+          *) echo "--total-steps $MA_3M_ITERATIONS --eval-interval $MA_3M_EVAL_INTERVAL --eval-episodes $MA_EVAL_EPISODES --threads 1" ;;
+        esac ;;
   esac
 }
 
@@ -75,7 +80,7 @@ script_of() { case $1 in continuous) echo icq_continuous.py ;; discrete) echo ic
 sweep_datasets() {  # script|dataset|selection|alphas: one mixed dataset per script
   echo "continuous|LunarLanderContinuous-v3-mixed|--env-id LunarLanderContinuous-v3 --quality mixed|$CONT_SWEEP_ALPHAS"
   echo "discrete|LunarLander-v3-mixed|--quality mixed|$DISC_SWEEP_ALPHAS"
-  echo "ma|3m-mixed|--map 3m --quality mixed --critic-updates batched|$MA_SWEEP_ALPHAS"
+  echo "ma|3m-mixed|--map 3m --quality mixed|$MA_SWEEP_ALPHAS"
 }
 
 prepare() {  # prepare learn|sweep: one 1-step run per dataset generates and caches the built-in data
@@ -91,7 +96,7 @@ learn_runs() {
     for method in icq bc; do for seed in $seeds; do
       local alpha=(); [ "$method" = bc ] && alpha=(--alpha inf)  # ICQ uses the script's default alpha
       # shellcheck disable=SC2086
-      run "learn__${script}__${dataset}__${method}__${seed}" "$(script_of "$script")" $select $(budget "$script") "${alpha[@]}" --seed "$seed"
+      run "learn__${script}__${dataset}__${method}__${seed}" "$(script_of "$script")" $select $(budget "$script" "$dataset") "${alpha[@]}" --seed "$seed"
     done; done
   done
 }
@@ -100,7 +105,7 @@ sweep_runs() {
   sweep_datasets | while IFS='|' read -r script dataset select alphas; do
     for alpha in $alphas; do for seed in $SWEEP_SEEDS; do
       # shellcheck disable=SC2086
-      run "sweep__${script}__${dataset}__alpha${alpha}__${seed}" "$(script_of "$script")" $select $(budget "$script") --alpha "$alpha" --seed "$seed"
+      run "sweep__${script}__${dataset}__alpha${alpha}__${seed}" "$(script_of "$script")" $select $(budget "$script" "$dataset") --alpha "$alpha" --seed "$seed"
     done; done
   done
 }
