@@ -432,6 +432,27 @@ def critic_targets(target_q, actions, k, bias, rewards, terminated, mask, gamma,
     return td_lambda_targets(rewards, terminated, mask.to(rewards.dtype), rho * q_tot, gamma, td_lambda), rho
 
 
+def on_rows(rows, fn, *tensors):
+    """fn(*tensors at the (episode, t) rows where `rows` [B, T] is true), each output scattered back into zeros [B, T, ...].
+
+    A batch is cut to its longest episode, so about a third of its rows are padding (3s_vs_5z); the critic, its target and
+    the actor-side Q run on the rows that are read only. Rows left at zero are never read (rho and the masks are 0 there).
+    """
+    index = rows.nonzero(as_tuple=True)
+    outputs = fn(*(x[index] for x in tensors))
+    return tuple(out.new_zeros(rows.shape + out.shape[1:]).index_put_(index, out) for out in outputs)
+
+
+def critic_step_rows(mask, sequential):
+    """The (episode, t) index of each critic optimiser step: one step per timestep over its valid episodes (sequential,
+    the authors' loop; a timestep without any is skipped, as theirs) or one step over every valid transition (batched)."""
+    if not sequential:
+        return [mask.nonzero(as_tuple=True)]
+    _, episodes = mask.t().nonzero(as_tuple=True)  # ordered by timestep: split into one group per timestep
+    groups = torch.split(episodes, mask.sum(0).tolist())
+    return [(e, torch.full_like(e, t)) for t, e in enumerate(groups) if len(e)]
+
+
 def previous_actions_onehot(actions, n_actions):
     """actions [B,T,N] -> the agent input "last action" [B,T,N,A]: a_{t-1} one-hot, zeros at t = 0 (as in evaluation)."""
     return F.pad(F.one_hot(actions[:, :-1], n_actions).float(), (0, 0, 0, 0, 1, 0))
@@ -758,22 +779,17 @@ if __name__ == "__main__":
         obs, state = data["obs"][idx, :rows].float(), data["state"][idx, :rows].float()
         actions, avail = data["actions"][idx, :rows], data["avail"][idx, :rows]
         reward, terminated, mask = (data[k][idx, : rows - 1] for k in ("reward", "terminated", "mask"))
-        maskf = mask.float()
+        maskf, valid = mask.float(), mask.bool()
 
-        # Critic: regress Q_tot(s_t, a_t) on the TD(lambda) target of eq. 20, built once from the target networks.
+        # Critic: regress Q_tot(s_t, a_t) on the TD(lambda) target of eq. 20, built once from the target networks, which
+        # run on the rows the transitions bootstrap from (t + 1 of each valid t) only; every network skips the padding.
         with torch.no_grad():
-            k_target, b_target = mixer_target(state)
-            targets, rho = critic_targets(critic_target_net(state, obs), actions, k_target, b_target, reward, terminated, mask,
-                                     args.gamma, args.td_lambda, args.critic_alpha)
-        if args.critic_updates == "sequential":  # the authors' COMA-style loop: one optimiser step per timestep
-            for t in range(rows - 1):
-                error = (q_tot(state[:, t], obs[:, t], actions[:, t]) - targets[:, t]) ** 2
-                critic_loss = (error * maskf[:, t]).sum() / maskf[:, t].sum().clamp_min(1)
-                clipped_step(critic_optimizer, critic_loss, critic_params)
-            critic_steps += rows - 1
-        else:
-            error = (q_tot(state[:, :-1], obs[:, :-1], actions[:, :-1]) - targets) ** 2
-            critic_loss = (error * maskf).sum() / maskf.sum()
+            target_q, k_target, b_target = on_rows(F.pad(valid, (1, 0)), lambda s, o: (critic_target_net(s, o), *mixer_target(s)), state, obs)
+            targets, rho = critic_targets(target_q, actions, k_target, b_target, reward, terminated, mask,
+                                          args.gamma, args.td_lambda, args.critic_alpha)
+        # sequential: the authors' COMA-style loop, one optimiser step per timestep; batched: one step over all of them
+        for index in critic_step_rows(valid, args.critic_updates == "sequential"):
+            critic_loss = ((q_tot(state[index], obs[index], actions[index]) - targets[index]) ** 2).mean()
             clipped_step(critic_optimizer, critic_loss, critic_params)
             critic_steps += 1
         if critic_steps - last_target_update >= args.target_update_interval:
@@ -783,8 +799,7 @@ if __name__ == "__main__":
 
         # Actor: weighted behaviour cloning with the just-updated critic; the last action of step t-1 is an input at t.
         with torch.no_grad():
-            q_values = critic(state[:, :-1], obs[:, :-1])
-            k, _ = mixer(state[:, :-1])
+            q_values, k = on_rows(valid, lambda s, o: (critic(s, o), mixer(s)[0]), state[:, :-1], obs[:, :-1])
         last_actions = previous_actions_onehot(actions[:, :-1], n_actions)
         logits, _ = actor(obs[:, :-1], last_actions)
         policy_loss, actor_weights = actor_loss(logits, avail[:, :-1], actions[:, :-1], q_values, k, mask, args.alpha, args.mixer_weight_in_exponent)

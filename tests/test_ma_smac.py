@@ -5,6 +5,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import assert_user_error, run_script
 from icq_ma_smac import (
@@ -15,11 +16,13 @@ from icq_ma_smac import (
     SmacAdapter,
     SmaxAdapter,
     actor_loss,
+    critic_step_rows,
     critic_targets,
     evaluate,
     generate_smax_dataset,
     icq_weights,
     load_dataset,
+    on_rows,
     previous_actions_onehot,
     td_lambda_targets,
     transition_mask,
@@ -117,6 +120,58 @@ def test_critic_never_reads_q_outside_the_data():
     changed = target_q.clone()
     changed[0, 2, 0, actions[0, 2, 0]] += 5.0
     assert not torch.allclose(critic_targets(changed, actions, k, bias, rewards, terminated, mask, 0.99, 0.75, 1.0)[0], base)
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_valid_rows_only_match_the_padded_batch(sequential):
+    """The training loop runs the target critic, the critic steps and the actor-side Q on valid rows only (on_rows,
+    critic_step_rows): the targets, each critic step's loss and gradient, and the actor loss equal the padded batch's,
+    whatever the padding rows hold."""
+    torch.manual_seed(0)
+    B, T, N, A, S, O = 5, 8, 3, 6, 7, 4
+    rewards, terminated, mask, _ = random_episodes(B, T)  # lengths 7, 3, 5, 1, 6: the unterminated one bootstraps
+    valid = mask.bool()
+    state, obs, actions = torch.randn(B, T, S), torch.randn(B, T, N, O), torch.randint(A, (B, T, N))
+    read = F.pad(valid, (1, 0)) | F.pad(valid, (0, 1))
+    state[~read], obs[~read] = 1e3, -1e3  # junk in the padding: the padded computation masks it, the packed one skips it
+    critic, mixer = Critic(S, O, A, N), Mixer(S, N)
+    params = list(critic.parameters()) + list(mixer.parameters())
+
+    def q_tot(s, o, a):
+        k, b = mixer(s)
+        return (k * critic(s, o).gather(-1, a.unsqueeze(-1)).squeeze(-1)).sum(-1) + b
+
+    with torch.no_grad():
+        padded, rho = critic_targets(critic(state, obs), actions, *mixer(state), rewards, terminated, mask, 0.99, 0.75, 1.0)
+        packed_q, k, b = on_rows(F.pad(valid, (1, 0)), lambda s, o: (critic(s, o), *mixer(s)), state, obs)
+        packed, packed_rho = critic_targets(packed_q, actions, k, b, rewards, terminated, mask, 0.99, 0.75, 1.0)
+    torch.testing.assert_close(packed, padded)
+    torch.testing.assert_close(packed_rho, rho)
+
+    steps = critic_step_rows(valid, sequential)
+    if sequential:  # the loop before packing: every episode at each timestep, masked
+        expected = [((q_tot(state[:, t], obs[:, t], actions[:, t]) - padded[:, t]) ** 2 * mask[:, t]).sum() / mask[:, t].sum()
+                    for t in range(T - 1)]
+        assert [e.tolist() for e, _ in steps] == [valid[:, t].nonzero().squeeze(1).tolist() for t in range(T - 1)]
+    else:
+        expected = [((q_tot(state[:, :-1], obs[:, :-1], actions[:, :-1]) - padded) ** 2 * mask).sum() / mask.sum()]
+    assert len(steps) == len(expected)
+    for index, want in zip(steps, expected):
+        got = ((q_tot(state[index], obs[index], actions[index]) - packed[index]) ** 2).mean()
+        torch.testing.assert_close(got, want)
+        for g_got, g_want in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+            torch.testing.assert_close(g_got, g_want)
+
+    with torch.no_grad():
+        q_values, k = on_rows(valid, lambda s, o: (critic(s, o), mixer(s)[0]), state[:, :-1], obs[:, :-1])
+        full_q, full_k = critic(state[:, :-1], obs[:, :-1]), mixer(state[:, :-1])[0]
+    logits, avail = torch.randn(B, T - 1, N, A), torch.ones(B, T - 1, N, A, dtype=torch.bool)
+    torch.testing.assert_close(actor_loss(logits, avail, actions[:, :-1], q_values, k, mask, 0.1)[0],
+                               actor_loss(logits, avail, actions[:, :-1], full_q, full_k, mask, 0.1)[0])
+    # a timestep without valid episodes gets no sequential step (the authors skip it)
+    holed = valid.clone()
+    holed[:, 2] = False
+    assert [int(t[0]) for _, t in critic_step_rows(holed, True)] == [0, 1, 3, 4, 5, 6]
 
 
 def test_transition_mask_pymarl_layout():
