@@ -34,7 +34,8 @@ MA_2S3Z_ITERATIONS=100; MA_2S3Z_EVAL_INTERVAL=20  # SMAX 2s3z (its 120-step epis
 MA_EVAL_EPISODES=32
 # --alpha sweeps: a few decades around each script's default, exact BC (inf) at the large end.
 SWEEP_SEEDS="1"
-CONT_SWEEP_ALPHAS="1 3 10 100 inf"
+CONT_SWEEP_ALPHAS="10 30 100 inf"     # the lunarlander preset signal, Q(s, a)
+CONT_TD_SWEEP_ALPHAS="1 3 10 100"    # the authors' TD-error signal (BC, inf, does not depend on the signal)
 DISC_SWEEP_ALPHAS="0.1 1 10 100 inf"
 MA_SWEEP_ALPHAS="0.01 0.1 1 10 inf"
 # --tiny: one discrete dataset, ICQ and BC, one seed, a few steps on a small generated dataset.
@@ -79,6 +80,7 @@ script_of() { case $1 in continuous) echo icq_continuous.py ;; discrete) echo ic
 
 sweep_datasets() {  # script|dataset|selection|alphas: one mixed dataset per script
   echo "continuous|LunarLanderContinuous-v3-mixed|--env-id LunarLanderContinuous-v3 --quality mixed|$CONT_SWEEP_ALPHAS"
+  echo "continuous|LunarLanderContinuous-v3-mixed-td|--env-id LunarLanderContinuous-v3 --quality mixed --actor-signal td|$CONT_TD_SWEEP_ALPHAS"
   echo "discrete|LunarLander-v3-mixed|--quality mixed|$DISC_SWEEP_ALPHAS"
   echo "ma|3m-mixed|--map 3m --quality mixed|$MA_SWEEP_ALPHAS"
 }

@@ -69,20 +69,21 @@ class Args:
     total_steps: int = 1_000_000
     """number of gradient steps (one critic and one actor update each)"""
     batch_size: Optional[int] = None
-    """minibatch size; the batch softmax normalises over it (preset: 32, antmaze 1024)"""
+    """minibatch size; the batch softmax normalises over it (preset: 32, antmaze 1024, lunarlander 256)"""
     alpha: Optional[float] = None
-    """actor temperature: weight = B * softmax_batch(signal / alpha) (preset: 600, antmaze 10); `inf` is exact behaviour
+    """actor temperature: weight = B * softmax_batch(signal / alpha) (preset: 600, antmaze 10, lunarlander 30); `inf` is exact behaviour
     cloning (every weight exactly 1)"""
     critic_alpha: Optional[float] = None
-    """critic temperature of the importance weight rho (preset: 600, antmaze 10)"""
-    actor_signal: Literal["td", "q"] = "td"
-    """what the actor weight exponentiates: the authors' one-step TD error, or Q(s, a) as the paper writes"""
+    """critic temperature of the importance weight rho (preset: 600, antmaze 10, lunarlander 1000)"""
+    actor_signal: Optional[Literal["td", "q"]] = None
+    """what the actor weight exponentiates: the authors' one-step TD error, or Q(s, a) as the paper writes (preset: td,
+    lunarlander q)"""
     twin_q: Optional[bool] = None
     """two critics, min for targets and signals (preset: only antmaze)"""
     timeout_as_terminal: Optional[bool] = None
     """keep a time-limited episode's last step with done = 1 instead of dropping it (preset: only antmaze)"""
     critic_weight_scale: Optional[float] = None
-    """rho = clamp(scale * B * softmax_batch(Q'/T), 0, 1) (preset: 0.5 as the authors' MuJoCo code, antmaze 1)"""
+    """rho = clamp(scale * B * softmax_batch(Q'/T), 0, 1) (preset: 0.5 as the authors' MuJoCo code, antmaze and lunarlander 1)"""
     clip_critic_weights: bool = True
     """clamp rho to [0, 1] as the authors' code does. `--no-clip-critic-weights --critic-weight-scale 1` is the unclipped
     eq.-10 weight, which diverges on mixed data: the batch softmax normalises across different states, so single weights
@@ -107,13 +108,15 @@ class Args:
 
 # The authors' settings per domain (ICQ_softmax for MuJoCo/Adroit, ICQ-antmaze_softmax for AntMaze). Their critic weight
 # is clamp(scale * B * softmax_batch(Q'/T), 0, 1) in both. LunarLander's preset is ours: its rewards reach +-100 in one
-# step (landing, crash), so the MuJoCo T = 600 leaves weights ~1 (BC); T = 10 on TD errors separates actions, and the
-# critic's T = 1000 keeps rho ~ 1 (a SARSA-like evaluation, as icq_discrete.py and ICQ-MA).
+# step (landing, crash), so the MuJoCo T = 600 leaves weights ~1 (BC); the actor's T and signal were chosen by a sweep, and the
+# critic's T = 1000 keeps rho ~ 1 (a SARSA-like evaluation, as icq_discrete.py and ICQ-MA). Under such a critic the TD error
+# r + gamma Q(s',a') - Q(s,a) has mean ~0 for every lander's actions, so it cannot tell them apart (measured: no actor T
+# in 1..100 beat exact BC on the mixed data); Q(s, a), the paper's signal, does, at T = 30 (README, sweep).
 PRESETS = {
-    "locomotion": dict(batch_size=32, alpha=600.0, critic_alpha=600.0, critic_weight_scale=0.5, twin_q=False, timeout_as_terminal=False, eval_episodes=10),
-    "adroit": dict(batch_size=32, alpha=600.0, critic_alpha=600.0, critic_weight_scale=0.5, twin_q=False, timeout_as_terminal=False, eval_episodes=10),
-    "antmaze": dict(batch_size=1024, alpha=10.0, critic_alpha=10.0, critic_weight_scale=1.0, twin_q=True, timeout_as_terminal=True, eval_episodes=100),
-    "lunarlander": dict(batch_size=256, alpha=10.0, critic_alpha=1000.0, critic_weight_scale=1.0, twin_q=False, timeout_as_terminal=False, eval_episodes=10),
+    "locomotion": dict(actor_signal="td", batch_size=32, alpha=600.0, critic_alpha=600.0, critic_weight_scale=0.5, twin_q=False, timeout_as_terminal=False, eval_episodes=10),
+    "adroit": dict(actor_signal="td", batch_size=32, alpha=600.0, critic_alpha=600.0, critic_weight_scale=0.5, twin_q=False, timeout_as_terminal=False, eval_episodes=10),
+    "antmaze": dict(actor_signal="td", batch_size=1024, alpha=10.0, critic_alpha=10.0, critic_weight_scale=1.0, twin_q=True, timeout_as_terminal=True, eval_episodes=100),
+    "lunarlander": dict(actor_signal="q", batch_size=256, alpha=30.0, critic_alpha=1000.0, critic_weight_scale=1.0, twin_q=False, timeout_as_terminal=False, eval_episodes=10),
 }
 # D4RL reference returns (d4rl/infos.py), used only for an original D4RL file named as D4RL names its datasets.
 D4RL_REF_SCORES = {
