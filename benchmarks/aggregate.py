@@ -110,7 +110,10 @@ def aggregate_learn(list_path, out_dir, kind="learn"):
              "Each run's value is the mean of its last 3 evaluations (score where the data has reference scores, else "
              "the return; win rate for ICQ-MA); the table shows mean ± std (ddof 1) over seeds. "
              f"Made by `bash benchmark.sh {kind}{' --tiny' if '_tiny' in list_path else ''}` from `{list_path}`.", "",
-             "| script | dataset | method | metric | mean ± std | seeds | dataset return |", "|---|---|---|---|---|---|---|"]
+             "max |Q| is the largest |Q(s, a)| any seed's critic reached, against the reward-implied bound max|r| / (1 - gamma) "
+             "(single-agent scripts; a critic beyond it diverges).", "",
+             "| script | dataset | method | metric | mean ± std | seeds | dataset return | max abs Q / bound |",
+             "|---|---|---|---|---|---|---|---|"]
     diffs = []
     for (script, dataset), methods in sorted(groups.items()):
         first = next(iter(methods.values()))[0][1]
@@ -119,7 +122,9 @@ def aggregate_learn(list_path, out_dir, kind="learn"):
         for method, runs in sorted(methods.items()):
             stats[method] = mean_std([last3(r, metric) for _, r in runs])
             dataset_return = first.get("dataset_return")
-            lines.append(f"| {script} | {dataset} | {method} | {metric} | {fmt(*stats[method])} | {len(runs)} | {fmt(dataset_return)} |")
+            q_max = max((r["q_abs_max"] for _, r in runs if r.get("q_abs_max") is not None), default=None)
+            q = "-" if q_max is None else f"{q_max:.3g} / {first['q_bound']:.3g}"
+            lines.append(f"| {script} | {dataset} | {method} | {metric} | {fmt(*stats[method])} | {len(runs)} | {fmt(dataset_return)} | {q} |")
         if "icq" in stats and "bc" in stats and None not in (stats["icq"][0], stats["bc"][0]):
             diff = stats["icq"][0] - stats["bc"][0]
             spread = (stats["icq"][1] ** 2 + stats["bc"][1] ** 2) ** 0.5

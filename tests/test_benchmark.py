@@ -79,7 +79,7 @@ def test_learn_and_sweep_lists_follow_the_naming_convention():
     assert all(("--alpha inf" in line) == ("__bc__" in line) for line in runs)
     sweep = [line for line in bench("learn", "--sweep", "--dry-run") if "--run-name sweep__" in line]
     assert all(check_line(line) for line in sweep)
-    assert {line.split("__")[2] for line in sweep} == {"LunarLanderContinuous-v3-mixed", "LunarLander-v3-mixed", "3m-mixed"}
+    assert {line.split("__")[2] for line in sweep} == {"LunarLanderContinuous-v3-mixed", "LunarLanderContinuous-v3-mixed-td", "LunarLander-v3-mixed", "3m-mixed"}
     assert all(line.split("--alpha ")[1].split()[0] == line.split("__alpha")[1].split("__")[0] for line in sweep)
 
 
