@@ -410,7 +410,7 @@ TINY = ("--total-steps", 4, "--batch-size", 4, "--eval-interval", 2, "--eval-epi
 
 def test_pymarl_h5_trains_and_resume_is_exact(tmp_path, jax_env):
     write_pymarl_h5(tmp_path / "3s_vs_5z.h5")
-    common = ("--env-backend", "smax", "--dataset", "3s_vs_5z.h5", "--save-model", *TINY)
+    common = ("--env-backend", "smax", "--dataset", "3s_vs_5z.h5", "--save-model", "--actor-hidden", 16, *TINY)
     run_script(SCRIPT, *common, "--run-name", "straight", "--critic-updates", "batched", "--target-update-interval", 2, cwd=tmp_path, env=jax_env)
     half = list(common)
     half[half.index("--total-steps") + 1] = 2
@@ -421,6 +421,11 @@ def test_pymarl_h5_trains_and_resume_is_exact(tmp_path, jax_env):
     a = torch.load(tmp_path / "runs/straight/checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "runs/resumed/checkpoint.pt", weights_only=False)
     assert a["step"] == b["step"] == 4 and a["critic_steps"] == b["critic_steps"] == 4
+    assert a["actor"]["gru.weight_hh_l0"].shape == (3 * 16, 16)  # --actor-hidden sets the GRU width
+    other_width = list(common)
+    other_width[other_width.index("--actor-hidden") + 1] = 32
+    assert_user_error(run_script(SCRIPT, *other_width, "--resume", "runs/resumed/checkpoint.pt", cwd=tmp_path, env=jax_env, check=False),
+                      "--actor-hidden 16", "pass the same")
     for key in ("actor", "critic", "mixer", "critic_target", "mixer_target"):
         for name, value in a[key].items():
             assert torch.equal(value, b[key][name]), f"{key}.{name} differs after resume"
