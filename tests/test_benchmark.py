@@ -206,7 +206,7 @@ def test_learn_runs_as_a_slurm_array_and_aggregates(slurm_cluster, tmp_path):
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{logs}"
     assert "submitted array job" in proc.stdout
     table = (work / "runs/tiny/learn.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| discrete | LunarLander-v3-mixed |") and line.count("|") == 8]
+    rows = [line for line in table.splitlines() if line.startswith("| discrete | LunarLander-v3-mixed |") and line.count("|") == 9]
     assert {row.split(" | ")[2] for row in rows} == {"icq", "bc"}, f"{table}\n{logs}"
     assert "Missing" not in table
     for method in ("icq", "bc"):  # one array task per run, each with its own unbuffered log
