@@ -220,7 +220,8 @@ def floor_continuous(opts, device):
 
     with __import__("h5py").File(opts.dataset_path, "r") as f:
         raw = sum(f[k].nbytes for k in ("observations", "actions", "rewards", "terminals", "timeouts"))
-    data = m.make_dataset_tensors(m.load_d4rl_hdf5(opts.dataset_path, False), device)
+    columns, _ = m.load_d4rl_hdf5(opts.dataset_path, False)  # (transitions, episode returns)
+    data = m.make_dataset_tensors(columns, device)
     held = sum(t.nbytes for t in data.values())
     obs_dim, act_dim = data["obs"].shape[1], data["actions"].shape[1]
     batch = [data[k][:opts.batch_size].clone() for k in ("obs", "actions", "rewards", "next_obs", "next_actions", "dones")]
