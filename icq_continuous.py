@@ -71,8 +71,8 @@ class Args:
     batch_size: Optional[int] = None
     """minibatch size; the batch softmax normalises over it (preset: 32, antmaze 1024, lunarlander 256)"""
     alpha: Optional[float] = None
-    """actor temperature: weight = B * softmax_batch(signal / alpha) (preset: 600, antmaze 10, lunarlander 30); `inf` is exact behaviour
-    cloning (every weight exactly 1)"""
+    """actor temperature: weight = B * softmax_batch(signal / alpha) (preset: 600, antmaze 10, lunarlander 30); `inf` is
+    exact behaviour cloning (every weight exactly 1)"""
     critic_alpha: Optional[float] = None
     """critic temperature of the importance weight rho (preset: 600, antmaze 10, lunarlander 1000)"""
     actor_signal: Optional[Literal["td", "q"]] = None
@@ -108,10 +108,10 @@ class Args:
 
 # The authors' settings per domain (ICQ_softmax for MuJoCo/Adroit, ICQ-antmaze_softmax for AntMaze). Their critic weight
 # is clamp(scale * B * softmax_batch(Q'/T), 0, 1) in both. LunarLander's preset is ours: its rewards reach +-100 in one
-# step (landing, crash), so the MuJoCo T = 600 leaves weights ~1 (BC); the actor's T and signal were chosen by a sweep, and the
-# critic's T = 1000 keeps rho ~ 1 (a SARSA-like evaluation, as icq_discrete.py and ICQ-MA). Under such a critic the TD error
-# r + gamma Q(s',a') - Q(s,a) has mean ~0 for every lander's actions, so it cannot tell them apart (measured: no actor T
-# in 1..100 beat exact BC on the mixed data); Q(s, a), the paper's signal, does, at T = 30 (README, sweep).
+# step (landing, crash), so the MuJoCo T = 600 would leave the actor weights ~1 (BC), and the critic's T = 1000 keeps
+# rho ~ 1 (a SARSA-like evaluation, as icq_discrete.py and ICQ-MA). Under such a critic the TD error
+# r + gamma Q(s',a') - Q(s,a) has mean ~0 for every lander's actions, so it barely tells them apart (measured: no actor
+# T in 1..100 beat exact BC on the mixed data); Q(s, a), the paper's signal, does, at T = 30 (README, sweep).
 PRESETS = {
     "locomotion": dict(actor_signal="td", batch_size=32, alpha=600.0, critic_alpha=600.0, critic_weight_scale=0.5, twin_q=False, timeout_as_terminal=False, eval_episodes=10),
     "adroit": dict(actor_signal="td", batch_size=32, alpha=600.0, critic_alpha=600.0, critic_weight_scale=0.5, twin_q=False, timeout_as_terminal=False, eval_episodes=10),
