@@ -5,6 +5,8 @@
 #                                                    -> benchmarks/learn.md + benchmarks/learn_<dataset>.png
 #   bash benchmark.sh learn --sweep [...]            an --alpha sweep (BC = inf at the large end) on one mixed dataset
 #                                                    per script -> benchmarks/sweep.md
+#   bash benchmark.sh learn --headline [...]         ICQ-MA vs exact BC on the main command's map, SMAX 3s_vs_5z
+#                                                    (medium and strategy-mixed), 3 seeds -> benchmarks/headline.md
 #   bash benchmark.sh speed [options] [extra args]   updates/s, peak memory and dataset memory of each script at its
 #                                                    standard sizes, beside the floor (the same networks' forward,
 #                                                    backward and optimiser steps alone) -> benchmarks/speed.md
@@ -32,6 +34,8 @@ DISC_STEPS=10000;    DISC_EVAL_INTERVAL=1000; DISC_EVAL_EPISODES=10   # icq_disc
 MA_3M_ITERATIONS=400;   MA_3M_EVAL_INTERVAL=50    # icq_ma_smac.py, SMAX 3m (one iteration = one batch of 32 episodes)
 MA_2S3Z_ITERATIONS=100; MA_2S3Z_EVAL_INTERVAL=20  # SMAX 2s3z (its 120-step episodes cost ~8x 3m per iteration)
 MA_EVAL_EPISODES=32
+# --headline: SMAX 3s_vs_5z with one batched critic step per iteration (12 runs, two at a time: about 2 h of 2 cores)
+MA_3S5Z_ITERATIONS=2500; MA_3S5Z_EVAL_INTERVAL=250
 # --alpha sweeps: a few decades around each script's default, exact BC (inf) at the large end.
 SWEEP_SEEDS="1"
 CONT_SWEEP_ALPHAS="10 30 100 inf"     # the lunarlander preset signal, Q(s, a)
@@ -70,6 +74,7 @@ budget() {  # budget SCRIPT DATASET: the step / evaluation arguments of the lear
     continuous) echo "--total-steps $CONT_STEPS --eval-interval $CONT_EVAL_INTERVAL --eval-episodes $CONT_EVAL_EPISODES" ;;
     discrete) echo "--total-steps $DISC_STEPS --eval-interval $DISC_EVAL_INTERVAL --eval-episodes $DISC_EVAL_EPISODES" ;;
     ma) case $2 in
+          3s_vs_5z*) echo "--total-steps $MA_3S5Z_ITERATIONS --eval-interval $MA_3S5Z_EVAL_INTERVAL --eval-episodes $MA_EVAL_EPISODES --critic-updates batched --threads 1" ;;
           2s3z*) echo "--total-steps $MA_2S3Z_ITERATIONS --eval-interval $MA_2S3Z_EVAL_INTERVAL --eval-episodes $MA_EVAL_EPISODES --threads 1" ;;
           *) echo "--total-steps $MA_3M_ITERATIONS --eval-interval $MA_3M_EVAL_INTERVAL --eval-episodes $MA_EVAL_EPISODES --threads 1" ;;
         esac ;;
@@ -77,6 +82,8 @@ budget() {  # budget SCRIPT DATASET: the step / evaluation arguments of the lear
 }
 
 script_of() { case $1 in continuous) echo icq_continuous.py ;; discrete) echo icq_discrete.py ;; ma) echo icq_ma_smac.py ;; esac; }
+
+headline_datasets() { for q in medium mixed; do echo "ma|3s_vs_5z-$q|--map 3s_vs_5z --quality $q"; done; }
 
 sweep_datasets() {  # script|dataset|selection|alphas: one mixed dataset per script
   echo "continuous|LunarLanderContinuous-v3-mixed|--env-id LunarLanderContinuous-v3 --quality mixed|$CONT_SWEEP_ALPHAS"
@@ -92,13 +99,13 @@ prepare() {  # prepare learn|sweep: one 1-step run per dataset generates and cac
   done
 }
 
-learn_runs() {
-  learn_datasets | while IFS='|' read -r script dataset select; do
+learn_runs() {  # learn_runs [learn|headline]: every dataset of the grid, ICQ and BC, each seed
+  "${1:-learn}_datasets" | while IFS='|' read -r script dataset select; do
     local seeds=$SEEDS; [ "$TINY" = 1 ] && seeds=1
     for method in icq bc; do for seed in $seeds; do
       local alpha=(); [ "$method" = bc ] && alpha=(--alpha inf)  # ICQ uses the script's default alpha
       # shellcheck disable=SC2086
-      run "learn__${script}__${dataset}__${method}__${seed}" "$(script_of "$script")" $select $(budget "$script" "$dataset") "${alpha[@]}" --seed "$seed"
+      run "${1:-learn}__${script}__${dataset}__${method}__${seed}" "$(script_of "$script")" $select $(budget "$script" "$dataset") "${alpha[@]}" --seed "$seed"
     done; done
   done
 }
@@ -114,6 +121,8 @@ sweep_runs() {
 
 prepare_learn() { prepare learn; }
 prepare_sweep() { prepare sweep; }
+prepare_headline() { prepare headline; }
+headline_runs() { learn_runs headline; }
 prepare_paper() { :; }  # the paper's data is downloaded or recorded beforehand
 
 prepare_speed() {
@@ -224,13 +233,14 @@ case $cmd in
   _task) task "$@"; exit ;;
   -h | --help | help | "") usage; exit 0 ;;
 esac
-LAUNCHER=local WORKERS="" TINY=0 SWEEP=0 DRY_RUN=0 WAIT=--wait SBATCH_ARGS="" EXTRA=()
+LAUNCHER=local WORKERS="" TINY=0 SWEEP=0 HEADLINE=0 DRY_RUN=0 WAIT=--wait SBATCH_ARGS="" EXTRA=()
 while [ $# -gt 0 ]; do
   case $1 in
     --launcher) LAUNCHER=$2; shift 2 ;;
     --workers) WORKERS=$2; shift 2 ;;
     --tiny) TINY=1; shift ;;
     --sweep) SWEEP=1; shift ;;
+    --headline) HEADLINE=1; shift ;;
     --dry-run | --list) DRY_RUN=1; shift ;;
     --no-wait) WAIT=""; shift ;;
     --sbatch-args) SBATCH_ARGS=$2; shift 2 ;;
@@ -242,8 +252,9 @@ case $LAUNCHER in local | slurm) ;; *) echo "error: --launcher must be local or 
 if [ "$cmd" = _aggregate ]; then aggregate "${EXTRA[@]:0:2}"; exit; fi
 [ "$LAUNCHER" = local ] && [ -z "$WORKERS" ] && { WORKERS=2; [ "$cmd" = speed ] && WORKERS=1; }
 [ "$cmd" = learn ] && [ "$SWEEP" = 1 ] && cmd=sweep
+[ "$cmd" = learn ] && [ "$HEADLINE" = 1 ] && cmd=headline
 case $cmd in
-  learn | sweep | speed | paper) ;;
+  learn | sweep | headline | speed | paper) ;;
   *) echo "error: unknown subcommand '$cmd' (see bash benchmark.sh --help)" >&2; exit 2 ;;
 esac
 

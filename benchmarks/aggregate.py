@@ -1,6 +1,6 @@
 """benchmark.sh's helper: aggregates a grid's runs into markdown tables and plots, and measures the speed floor.
 
-    python benchmarks/aggregate.py learn|sweep|speed|paper LIST --out-dir DIR   tables of the runs named in LIST
+    python benchmarks/aggregate.py learn|sweep|headline|speed|paper LIST --out-dir DIR   tables of the runs named in LIST
     python benchmarks/aggregate.py floor continuous|discrete|ma [script args] --run-name NAME
     python benchmarks/aggregate.py make-hopper-data PATH N
 
@@ -105,11 +105,13 @@ def missing_note(missing):
 
 def aggregate_learn(list_path, out_dir, kind="learn"):
     groups, missing = collect(list_path)
-    title = "ICQ against exact behaviour cloning (`--alpha inf`)" if kind == "learn" else "ICQ on the seed paper's datasets"
+    title = {"learn": "ICQ against exact behaviour cloning (`--alpha inf`)", "paper": "ICQ on the seed paper's datasets",
+             "headline": "ICQ-MA against exact behaviour cloning on the main command's map, SMAX 3s_vs_5z"}[kind]
+    command = ("learn --headline" if kind == "headline" else kind) + (" --tiny" if "_tiny" in list_path else "")
     lines = [f"# {kind}: {title}", "",
              "Each run's value is the mean of its last 3 evaluations (score where the data has reference scores, else "
              "the return; win rate for ICQ-MA); the table shows mean ± std (ddof 1) over seeds. "
-             f"Made by `bash benchmark.sh {kind}{' --tiny' if '_tiny' in list_path else ''}` from `{list_path}`.", "",
+             f"Made by `bash benchmark.sh {command}` from `{list_path}`.", "",
              "max |Q| is the largest |Q(s, a)| any seed's critic reached, against the reward-implied bound max|r| / (1 - gamma) "
              "(single-agent scripts; a critic beyond it diverges).", "",
              "| script | dataset | method | metric | mean ± std | seeds | dataset return | max abs Q / bound |",
@@ -413,7 +415,7 @@ def main(argv):
     if argv[:1] == ["make-hopper-data"]:
         return make_hopper_data(argv[1], int(argv[2]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=("learn", "sweep", "speed", "paper"))
+    parser.add_argument("kind", choices=("learn", "sweep", "headline", "speed", "paper"))
     parser.add_argument("list", help="a run list written by benchmark.sh (runs/lists/<kind>.txt)")
     parser.add_argument("--out-dir", default="benchmarks")
     opts = parser.parse_args(argv)
