@@ -35,7 +35,7 @@ MA_3M_ITERATIONS=400;   MA_3M_EVAL_INTERVAL=50    # icq_ma_smac.py, SMAX 3m (one
 MA_2S3Z_ITERATIONS=100; MA_2S3Z_EVAL_INTERVAL=20  # SMAX 2s3z (its 120-step episodes cost ~8x 3m per iteration)
 MA_EVAL_EPISODES=32
 # --headline: SMAX 3s_vs_5z with one batched critic step per iteration (12 runs, two at a time: about 2 h of 2 cores)
-MA_3S5Z_ITERATIONS=2500; MA_3S5Z_EVAL_INTERVAL=250
+MA_3S5Z_ITERATIONS=4000; MA_3S5Z_EVAL_INTERVAL=400
 # --alpha sweeps: a few decades around each script's default, exact BC (inf) at the large end.
 SWEEP_SEEDS="1"
 CONT_SWEEP_ALPHAS="10 30 100 inf"     # the lunarlander preset signal, Q(s, a)

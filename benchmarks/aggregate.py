@@ -324,10 +324,10 @@ def floor_ma(opts, device):
     obs, state = data["obs"][idx, :rows].float(), data["state"][idx, :rows].float()
     actions = data["actions"][idx, :rows]
     reward = data["reward"][idx, : rows - 1]
-    actor, critic, mixer = m.Actor(obs_dim, n_actions, n_agents).to(device), m.Critic(state_dim, obs_dim, n_actions, n_agents).to(device), m.Mixer(state_dim, n_agents).to(device)
+    actor, critic, mixer = m.Actor(obs_dim, n_actions, n_agents, m.Args.actor_hidden).to(device), m.Critic(state_dim, obs_dim, n_actions, n_agents).to(device), m.Mixer(state_dim, n_agents).to(device)
     critic_target, mixer_target = m.Critic(state_dim, obs_dim, n_actions, n_agents).to(device), m.Mixer(state_dim, n_agents).to(device)
     critic_params = list(critic.parameters()) + list(mixer.parameters())
-    actor_opt = torch.optim.RMSprop(actor.parameters(), lr=5e-4, alpha=0.99, eps=1e-5)
+    actor_opt = torch.optim.RMSprop(actor.parameters(), lr=m.Args.actor_lr, alpha=0.99, eps=1e-5)
     critic_opt = torch.optim.RMSprop(critic_params, lr=1e-4, alpha=0.99, eps=1e-5)
     last_actions = m.previous_actions_onehot(actions[:, :-1], n_actions)
 
