@@ -433,6 +433,21 @@ def test_pymarl_h5_trains_and_resume_is_exact(tmp_path, jax_env):
     assert [e["step"] for e in summary["evaluations"]] == [2, 4]  # the history survives the resume
 
 
+def test_behaviour_cloning_actor_does_not_depend_on_the_critic_updates(tmp_path, jax_env):
+    """benchmark.sh runs ICQ-MA's BC baseline with the cheap batched critic: with --alpha inf that must not change the actor."""
+    write_pymarl_h5(tmp_path / "3s_vs_5z.h5")
+    common = ("--env-backend", "smax", "--dataset", "3s_vs_5z.h5", "--save-model", "--alpha", "inf", "--actor-hidden", 16, *TINY)
+    actors = {}
+    for mode in ("sequential", "batched"):
+        run_script(SCRIPT, *common, "--critic-updates", mode, "--run-name", mode, cwd=tmp_path, env=jax_env)
+        actors[mode] = torch.load(tmp_path / f"runs/{mode}/checkpoint.pt", weights_only=False)
+    a, b = actors["sequential"], actors["batched"]
+    assert a["critic_steps"] > b["critic_steps"] == 4  # the critics did train differently
+    assert any(not torch.equal(a["critic"][name], b["critic"][name]) for name in a["critic"])
+    for name, value in a["actor"].items():
+        assert torch.equal(value, b["actor"][name]), f"actor.{name} depends on the critic mode under --alpha inf"
+
+
 def test_tiny_smax_run_end_to_end(tmp_path, jax_env):
     out = run_script(SCRIPT, "--map", "3s_vs_5z", "--alpha", 0.1, "--dataset-episodes", 6, "--run-name", "tiny", *TINY,
                      cwd=tmp_path, env=jax_env)
