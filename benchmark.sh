@@ -27,7 +27,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# --- Learn-grid budgets (placeholders: the lead sets the final values) -------------------------------------------------
+# --- Learn-grid budgets: about an hour of two cores for `learn`, two hours for `learn --headline` ---------------------
 SEEDS="1 2 3"
 CONT_STEPS=10000;    CONT_EVAL_INTERVAL=1000; CONT_EVAL_EPISODES=10   # icq_continuous.py, LunarLanderContinuous-v3
 DISC_STEPS=10000;    DISC_EVAL_INTERVAL=1000; DISC_EVAL_EPISODES=10   # icq_discrete.py, LunarLander-v3
@@ -92,7 +92,7 @@ sweep_datasets() {  # script|dataset|selection|alphas: one mixed dataset per scr
   echo "ma|3m-mixed|--map 3m --quality mixed|$MA_SWEEP_ALPHAS"
 }
 
-prepare() {  # prepare learn|sweep: one 1-step run per dataset generates and caches the built-in data
+prepare() {  # prepare learn|sweep|headline: one 1-step run per dataset generates and caches the built-in data
   "${1}_datasets" | while IFS='|' read -r script dataset select _; do
     # shellcheck disable=SC2086
     run "prepare__${script}__${dataset}" "$(script_of "$script")" $select --total-steps 1 --eval-interval 1 --eval-episodes 1 --log-interval 1
