@@ -3,6 +3,7 @@
     python benchmarks/aggregate.py learn|sweep|headline|speed|paper LIST --out-dir DIR   tables of the runs named in LIST
     python benchmarks/aggregate.py floor continuous|discrete|ma [script args] --run-name NAME
     python benchmarks/aggregate.py make-hopper-data PATH N
+    python benchmarks/aggregate.py curves OUT.png TITLE LABEL=RUN[,RUN...] ...   evaluation curves of any runs
 
 LIST is a run list written by benchmark.sh (one command line per run, each with --run-name); every run's result is
 runs/<run_name>/summary.json. Run names follow the learn-grid convention <grid>__<script>__<dataset>__<method>__<seed>.
@@ -91,7 +92,8 @@ def plot_curves(path, title, runs_by_method, metric):
         steps = [e["step"] for e in curves[0][:length]]
         values = np.array([[e[metric] for e in c[:length]] for c in curves], dtype=float)
         mean, std = values.mean(0), values.std(0)
-        plt.plot(steps, mean, label=f"{method.upper()} ({len(curves)} seeds)")
+        name = method.upper() if method in ("icq", "bc") else method
+        plt.plot(steps, mean, label=f"{name} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
         plt.fill_between(steps, mean - std, mean + std, alpha=0.25)
     plt.xlabel("training step"), plt.ylabel(f"evaluation {metric}"), plt.title(title, fontsize=9), plt.legend()
     plt.tight_layout()
@@ -414,6 +416,13 @@ def main(argv):
         return floor(argv[1:])
     if argv[:1] == ["make-hopper-data"]:
         return make_hopper_data(argv[1], int(argv[2]))
+    if argv[:1] == ["curves"]:  # one line per LABEL (mean +- std over its runs), e.g. runs continued with --resume
+        groups = {label: [(r, load_summary(r)) for r in runs.split(",")] for label, runs in (a.split("=", 1) for a in argv[3:])}
+        missing = [r for runs in groups.values() for r, summary in runs if summary is None]
+        if missing:
+            raise SystemExit(f"error: no runs/<run>/summary.json for {', '.join(missing)}")
+        metric = metric_name(next(iter(groups.values()))[0][1])
+        return plot_curves(argv[1], argv[2], groups, metric)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=("learn", "sweep", "headline", "speed", "paper"))
     parser.add_argument("list", help="a run list written by benchmark.sh (runs/lists/<kind>.txt)")

@@ -120,6 +120,16 @@ def test_aggregate_sweep_orders_alphas_with_bc_last(tmp_path):
     assert rows == ["| 0.1 | 2 ± 0 | 1 |", "| 10 | 1 ± 0 | 1 |", "| inf | 0 ± 0 | 1 |"]
 
 
+def test_aggregate_curves_plots_labelled_groups_and_names_missing_runs(tmp_path):
+    for name, values in (("a1", [0, 1]), ("a2", [1, 1]), ("b1", [0, 0])):
+        write_run(tmp_path, name, values, metric="win_rate")
+    cmd = [sys.executable, str(ROOT / "benchmarks/aggregate.py"), "curves", "out.png", "title", "ICQ-MA alpha 1=a1,a2", "BC=b1"]
+    subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)
+    assert (tmp_path / "out.png").stat().st_size > 0
+    proc = subprocess.run(cmd[:-1] + ["BC=b1,b9"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode != 0 and "b9" in proc.stderr and "Traceback" not in proc.stderr
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # SLURM, for real: a one-node cluster on this machine (Debian's slurm-wlm and munge; .ci/run installs them).
 def free_port():
