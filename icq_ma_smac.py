@@ -68,8 +68,8 @@ class Args:
     """episodes per iteration; the ICQ softmaxes normalise over them"""
     alpha: float = 0.1
     """actor temperature: weight = icq_weights(A_i / alpha) over the batch's episodes; inf = exact behaviour cloning.
-    The authors' 0.1 makes the weights mostly critic noise on SMAX 3s_vs_5z medium data (the actor fits about half as
-    fast as BC); 1 fitted as fast as BC there (README, results)"""
+    The authors' 0.1 makes the weights mostly critic noise on SMAX 3s_vs_5z medium data (the actor fits less than half
+    as fast as BC); 1 fitted as fast as BC there (README, results)"""
     critic_alpha: float = 1000.0
     """critic temperature of rho = icq_weights(Q'_tot / critic_alpha)"""
     td_lambda: float = 0.75

@@ -19,6 +19,12 @@ import icq_ma_smac as m
 
 torch.set_num_threads(1)
 EPISODES, BUCKETS = 128, ((0, 5), (5, 20), (20, 60), (60, 250))
+
+
+def kind(actions):  # 0 attack (5 + enemy), 1 move (0-3), 2 stop (4)
+    return np.where(actions >= 5, 0, np.where(actions < 4, 1, 2))
+
+
 for path in sys.argv[1:]:
     ckpt = torch.load(path, weights_only=False)
     args = ckpt["args"]
@@ -27,8 +33,7 @@ for path in sys.argv[1:]:
     N, A = info["n_agents"], info["n_actions"]
     actor = m.Actor(info["obs_shape"], A, N, args["actor_hidden"]); actor.load_state_dict(ckpt["actor"])
     policies = jax.jit(jax.vmap(lambda state, avail: m.controller_policies(adapter.env, state, avail)))
-    confusion = np.zeros((3, 3))  # focus_kite's kind (attack / move / stop) x the actor's kind, t < 60
-    kind = lambda x: np.where(x >= 5, 0, np.where(x < 4, 1, 2))
+    confusion = np.zeros((3, 3))  # focus_kite's kind x the actor's kind, t < 60
     match = np.zeros((len(BUCKETS), 3)); kinds = np.zeros((len(BUCKETS), 3)); count = np.zeros(len(BUCKETS))
     with torch.no_grad():
         obs, _, avail = adapter.reset(EPISODES, 10_000)
@@ -43,7 +48,7 @@ for path in sys.argv[1:]:
             b = next(i for i, (lo, hi) in enumerate(BUCKETS) if lo <= t < hi)
             count[b] += choice.sum()
             match[b] += [((controllers[:, c] == a) & choice).sum() for c in range(3)]
-            kinds[b] += [((a >= 5) & choice).sum(), ((a < 4) & choice).sum(), ((a == 4) & choice).sum()]
+            kinds[b] += np.bincount(kind(a)[choice], minlength=3)
             if t < 60:
                 np.add.at(confusion, (kind(controllers[:, 0])[choice], kind(a)[choice]), 1)
             obs, _, avail, _, terminated, battle_won = adapter.step(a)

@@ -34,7 +34,7 @@ critic = m.Critic(info["state_shape"], info["obs_shape"], A, N); critic.load_sta
 mixer = m.Mixer(info["state_shape"], N); mixer.load_state_dict(ckpt["mixer"])
 g = torch.Generator().manual_seed(0)
 C = len(names)
-batches = []  # per batch: logits, avail, actions, q, k, mask, controller id per row, t < 5, pi(a_i) < 0.1
+batches = []  # per batch: logits, avail, actions, q, k, mask, valid, controller id, t < 5, pi(a_i) < 0.1, A_i, t, pi(a_i)
 with torch.no_grad():
     for _ in range(40):
         idx = torch.randperm(data["obs"].shape[0], generator=g)[:32]
@@ -45,13 +45,11 @@ with torch.no_grad():
         logits, _ = actor(obs[:, :-1], m.previous_actions_onehot(data["actions"][idx, :r - 1], A))
         log_pi, av = m.masked_log_softmax(logits, avail)
         adv = q.gather(-1, actions.unsqueeze(-1)).squeeze(-1) - (log_pi.exp() * q.masked_fill(~av, 0)).sum(-1)
-        rare = log_pi.gather(-1, actions.unsqueeze(-1)).squeeze(-1).exp() < 0.1
+        pi_taken = log_pi.gather(-1, actions.unsqueeze(-1)).squeeze(-1).exp()
         valid = mask.bool().unsqueeze(-1).expand_as(adv)
         cid = controller[idx].view(-1, 1, 1).expand_as(adv)
-        early = (torch.arange(r - 1) < 5).view(1, -1, 1).expand_as(adv)
         t = torch.arange(r - 1).view(1, -1, 1).expand_as(adv)
-        pi_taken = log_pi.gather(-1, actions.unsqueeze(-1)).squeeze(-1).exp()
-        batches.append((logits, avail, actions, q, k, mask, valid, cid, early, rare, adv, t, pi_taken))
+        batches.append((logits, avail, actions, q, k, mask, valid, cid, t < 5, pi_taken < 0.1, adv, t, pi_taken))
 
 
 present = [c for c in range(C) if any(bool((b[6] & (b[7] == c)).any()) for b in batches)]  # controllers in the file
