@@ -214,7 +214,8 @@ def test_learn_runs_as_a_slurm_array_and_aggregates(slurm_cluster, tmp_path):
     for name in ("benchmark.sh", *SCRIPTS.values()):
         shutil.copy(ROOT / name, work / name)
     (work / "benchmarks").mkdir()
-    shutil.copy(ROOT / "benchmarks/aggregate.py", work / "benchmarks/aggregate.py")
+    for module in (ROOT / "benchmarks").glob("*.py"):  # aggregate.py and the modules behind it
+        shutil.copy(module, work / "benchmarks" / module.name)
     proc = subprocess.run(["bash", "benchmark.sh", "learn", "--launcher", "slurm", "--tiny"], cwd=work, env=slurm_cluster,
                           capture_output=True, text=True, timeout=240)
     logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((work / "runs").glob("**/*.log")) + sorted((work / "runs").glob("slurm/*.out")))
