@@ -1,4 +1,5 @@
 """icq_continuous.py: the ICQ math (spec section 5), the data pipeline, and end-to-end runs on tiny local data."""
+
 import dataclasses
 import json
 
@@ -50,9 +51,9 @@ def test_critic_target_is_sarsa_as_temperature_grows():
     r, next_q = torch.randn(64), torch.randn(64) * 10
     d = (torch.rand(64) < 0.2).float()
     sarsa = r + 0.99 * (1 - d) * next_q
-    assert torch.allclose(icq.critic_target(r, d, next_q, 0.99, 1e9), sarsa, atol=1e-5)
-    # Small temperature: rho concentrates on the largest non-terminal Q', the in-data max of eq. 10.
-    y = icq.critic_target(r, d, next_q, 0.99, 1e-4)
+    assert torch.allclose(icq.critic_target(r, d, next_q, 0.99, 1e9)[0], sarsa, atol=1e-5)
+    # Small temperature, unclipped: rho concentrates on the largest non-terminal Q', the in-data max of eq. 10.
+    y = icq.critic_target(r, d, next_q, 0.99, 1e-4, clip=False)[0]
     best = torch.where(d == 0, next_q, -torch.inf).argmax()
     expected = r.clone()
     expected[best] += 0.99 * (d == 0).sum() * next_q[best]
@@ -62,8 +63,8 @@ def test_critic_target_is_sarsa_as_temperature_grows():
 def test_terminal_rows_stay_out_of_the_softmax():
     r, next_q = torch.zeros(4), torch.tensor([1.0, 2.0, 3.0, 4.0])
     d = torch.tensor([0.0, 0.0, 0.0, 1.0])
-    y1 = icq.critic_target(r, d, next_q, 1.0, 1.0)
-    y2 = icq.critic_target(r, d, torch.tensor([1.0, 2.0, 3.0, -1e6]), 1.0, 1.0)
+    y1 = icq.critic_target(r, d, next_q, 1.0, 1.0, clip=False)[0]
+    y2 = icq.critic_target(r, d, torch.tensor([1.0, 2.0, 3.0, -1e6]), 1.0, 1.0, clip=False)[0]
     assert torch.equal(y1, y2) and y1[3] == 0
     w = 3 * torch.softmax(next_q[:3], 0)
     assert torch.allclose(y1[:3], w * next_q[:3])
@@ -71,8 +72,9 @@ def test_terminal_rows_stay_out_of_the_softmax():
 
 def test_authors_clamp_and_scale():
     r, d, next_q = torch.zeros(4), torch.zeros(4), torch.tensor([0.0, 0.0, 0.0, 100.0])
-    y = icq.critic_target(r, d, next_q, 1.0, 1.0, scale=0.5, clip=True)
+    y, rho = icq.critic_target(r, d, next_q, 1.0, 1.0, scale=0.5)  # clip=True is the default
     assert torch.allclose(y, torch.tensor([0.0, 0.0, 0.0, 100.0]))  # rho = clamp(4/2 * ~1, 0, 1) = 1 on the max
+    assert rho.max() == 1.0
 
 
 def test_actor_loss_limits():
@@ -82,7 +84,8 @@ def test_actor_loss_limits():
 
 
 def test_alpha_inf_is_exact_behaviour_cloning():
-    """--alpha inf weights every log-likelihood exactly 1, whatever the signal (a huge finite alpha does not, once Q grows)."""
+    """--alpha inf weights every log-likelihood exactly 1, whatever the signal (a huge finite alpha does not, once Q
+    grows)."""
     log_prob = torch.randn(37, requires_grad=True)
     for signal in (torch.randn(37), torch.randn(37) * 1e30, torch.full((37,), torch.inf)):
         loss = icq.actor_loss(log_prob, signal, float("inf"))
@@ -90,11 +93,15 @@ def test_alpha_inf_is_exact_behaviour_cloning():
         assert torch.equal(loss, -log_prob.mean()) and torch.equal(grad, torch.full((37,), -1 / 37))
     assert not torch.equal(icq.actor_loss(log_prob, torch.randn(37) * 1e12, 1e9), -log_prob.mean())
     args = icq.resolve_args(tyro.cli(icq.Args, args=["--alpha", "inf"]))
-    assert args.alpha == float("inf") and "exact behaviour" in run_script(SCRIPT, "--help", cwd=ROOT).stdout
+    assert (
+        args.alpha == float("inf")
+        and "exact behaviour" in run_script(SCRIPT, "--help", cwd=ROOT, env={"COLUMNS": "200"}).stdout
+    )
 
 
 def test_clamped_critic_weight_is_the_default():
-    """The authors' rho = clamp(scale * n * softmax, 0, 1) in every preset; the unclipped eq.-10 weight only on request."""
+    """The authors' rho = clamp(scale * n * softmax, 0, 1) in every preset; the unclipped eq.-10 weight only on
+    request."""
     for preset in icq.PRESETS:
         args = icq.resolve_args(tyro.cli(icq.Args, args=["--preset", preset]))
         assert args.clip_critic_weights and args.critic_weight_scale == icq.PRESETS[preset]["critic_weight_scale"]
@@ -143,7 +150,9 @@ def test_episode_transitions_next_action_terminal_and_timeout():
     rewards = np.ones(4, np.float32)
     # Time-limited: the last step has no a' and is dropped.
     s, a, r, s2, a2, d = icq.episode_transitions(obs, actions, rewards, np.zeros(4, bool), False)
-    assert len(s) == 3 and np.array_equal(a2[:, 0], [11, 12, 13]) and np.array_equal(s2[:, 0], [1, 2, 3]) and not d.any()
+    assert (
+        len(s) == 3 and np.array_equal(a2[:, 0], [11, 12, 13]) and np.array_equal(s2[:, 0], [1, 2, 3]) and not d.any()
+    )
     # A true terminal is kept with done = 1.
     s, a, r, s2, a2, d = icq.episode_transitions(obs, actions, rewards, np.array([0, 0, 0, 1], bool), False)
     assert len(s) == 4 and np.array_equal(d, [0, 0, 0, 1]) and np.array_equal(a2[:3, 0], [11, 12, 13])
@@ -176,10 +185,16 @@ def test_d4rl_loader_respects_episode_boundaries(tmp_path):
         obs, act = f["observations"][:], f["actions"][:]
     (s, a, r, s2, a2, d), returns = icq.load_d4rl_hdf5(str(path), False)
     with h5py.File(path) as f:
-        assert np.allclose(returns, [f["rewards"][:4].sum(), f["rewards"][4:7].sum(), f["rewards"][7:].sum()])  # every step counts
+        assert np.allclose(
+            returns, [f["rewards"][:4].sum(), f["rewards"][4:7].sum(), f["rewards"][7:].sum()]
+        )  # every step counts
     # 4-step timeout -> 3 rows, 3-step terminal -> 3 rows, 5-step timeout -> 4 rows
     rows = [0, 1, 2, 4, 5, 6, 7, 8, 9, 10]
-    assert np.array_equal(s, obs[rows]) and np.array_equal(a, act[rows]) and np.array_equal(d, [0, 0, 0, 0, 0, 1, 0, 0, 0, 0])
+    assert (
+        np.array_equal(s, obs[rows])
+        and np.array_equal(a, act[rows])
+        and np.array_equal(d, [0, 0, 0, 0, 0, 1, 0, 0, 0, 0])
+    )
     non_terminal = [i for i in range(10) if d[i] == 0]
     assert np.array_equal(a2[non_terminal], act[[rows[i] + 1 for i in non_terminal]])  # a' from the same episode
     assert np.array_equal(s2[non_terminal], obs[[rows[i] + 1 for i in non_terminal]])
@@ -192,9 +207,8 @@ def test_d4rl_loader_respects_episode_boundaries(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # end to end through the command line
 def make_minari_hopper(dataset_id="test/hopper/random-v0", episodes=4, length=40):
-    from minari.data_collector.episode_buffer import EpisodeBuffer
-
     import minari
+    from minari.data_collector.episode_buffer import EpisodeBuffer
 
     env = gym.make("Hopper-v5", max_episode_steps=length)
     buffers = []
@@ -204,29 +218,79 @@ def make_minari_hopper(dataset_id="test/hopper/random-v0", episodes=4, length=40
         while True:
             action = env.action_space.sample() * 0.3
             obs, reward, terminated, truncated, _ = env.step(action)
-            observations.append(obs), actions.append(action), rewards.append(reward), terms.append(terminated), truncs.append(truncated)
+            (
+                observations.append(obs),
+                actions.append(action),
+                rewards.append(reward),
+                terms.append(terminated),
+                truncs.append(truncated),
+            )
             if terminated or truncated:
                 break
-        buffers.append(EpisodeBuffer(id=ep, seed=ep, observations=np.array(observations), actions=np.array(actions),
-                                     rewards=rewards, terminations=terms, truncations=truncs, infos={}))
-    minari.create_dataset_from_buffers(dataset_id, buffers, env="Hopper-v5", eval_env="Hopper-v5", ref_min_score=-20.0, ref_max_score=3000.0,
-                                       algorithm_name="random", author="test", author_email="test@example.com",
-                                       code_permalink="https://example.com", description="tiny test data")
+        buffers.append(
+            EpisodeBuffer(
+                id=ep,
+                seed=ep,
+                observations=np.array(observations),
+                actions=np.array(actions),
+                rewards=rewards,
+                terminations=terms,
+                truncations=truncs,
+                infos={},
+            )
+        )
+    minari.create_dataset_from_buffers(
+        dataset_id,
+        buffers,
+        env="Hopper-v5",
+        eval_env="Hopper-v5",
+        ref_min_score=-20.0,
+        ref_max_score=3000.0,
+        algorithm_name="random",
+        author="test",
+        author_email="test@example.com",
+        code_permalink="https://example.com",
+        description="tiny test data",
+    )
 
 
 def test_minari_end_to_end(tmp_path, monkeypatch):
     help_text = run_script(SCRIPT, "--help", cwd=tmp_path)
-    assert "--dataset-id" in help_text.stdout and "Adroit" not in help_text.stderr  # gymnasium-robotics only when needed
+    assert (
+        "--dataset-id" in help_text.stdout and "Adroit" not in help_text.stderr
+    )  # gymnasium-robotics only when needed
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))  # the script inherits it
     make_minari_hopper()
-    proc = run_script(SCRIPT, "--dataset-id", "test/hopper/random-v0", "--total-steps", 200, "--eval-interval", 200,
-                      "--eval-episodes", 2, "--log-interval", 100, "--batch-size", 64, "--run-name", "m", cwd=tmp_path)
+    proc = run_script(
+        SCRIPT,
+        "--dataset-id",
+        "test/hopper/random-v0",
+        "--total-steps",
+        200,
+        "--eval-interval",
+        200,
+        "--eval-episodes",
+        2,
+        "--log-interval",
+        100,
+        "--batch-size",
+        64,
+        "--run-name",
+        "m",
+        cwd=tmp_path,
+    )
     assert "steps/s" in proc.stdout and "eval step 200" in proc.stdout
     summary = json.loads((tmp_path / "runs/m/summary.json").read_text())
     assert summary["args"]["preset"] == "locomotion" and summary["args"]["batch_size"] == 64
     (evaluation,) = summary["evaluations"]
-    assert evaluation["step"] == 200 and summary["final_score"] == pytest.approx(100 * (evaluation["return"] + 20) / 3020)
-    assert summary["reference_scores"] == {"min": -20.0, "max": 3000.0, "source": "Minari metadata of test/hopper/random-v0"}
+    assert evaluation["step"] == 200 and summary["final_score"] == pytest.approx(
+        100 * (evaluation["return"] + 20) / 3020
+    )
+    assert summary["reference_scores"] == {
+        "min": -20.0,
+        "max": 3000.0,
+        "source": "Minari metadata of test/hopper/random-v0",
+    }
     assert summary["updates_per_second"] > 0 and summary["peak_rss_mb"] > 0 and summary["wall_seconds"] > 0
     import minari
 
@@ -234,16 +298,20 @@ def test_minari_end_to_end(tmp_path, monkeypatch):
     assert summary["dataset_return"] == pytest.approx(np.mean([ep.rewards.sum() for ep in episodes]))
     # the bound uses the transitions the script keeps: a time-limited episode's last step has no a' and is dropped
     kept_rewards = [ep.rewards if ep.terminations[-1] else ep.rewards[:-1] for ep in episodes]
-    assert 0 < summary["q_abs_max"] <= summary["q_bound"] == pytest.approx(max(abs(r).max() for r in kept_rewards if len(r)) / 0.01, rel=1e-4)
+    assert (
+        0
+        < summary["q_abs_max"]
+        <= summary["q_bound"]
+        == pytest.approx(max(abs(r).max() for r in kept_rewards if len(r)) / 0.01, rel=1e-4)
+    )
     assert "Adroit" not in proc.stderr
     assert list((tmp_path / "runs/m").glob("events.out.tfevents.*"))
 
 
 def test_minari_antmaze_dict_observations_and_success_score(tmp_path, monkeypatch):
     """AntMaze: dict observations flatten to 29 + 2 dims, the preset applies, and the score is the success rate x100."""
-    from minari.data_collector.episode_buffer import EpisodeBuffer
-
     import minari
+    from minari.data_collector.episode_buffer import EpisodeBuffer
 
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
     gym.register_envs(gymnasium_robotics)  # the script imports it itself only when an env id needs it
@@ -252,16 +320,56 @@ def test_minari_antmaze_dict_observations_and_success_score(tmp_path, monkeypatc
     rng = np.random.default_rng(0)
     buffers = []
     for ep in range(3):
-        obs = {"achieved_goal": rng.normal(size=(21, 2)), "desired_goal": rng.normal(size=(21, 2)), "observation": rng.normal(size=(21, 27))}
-        buffers.append(EpisodeBuffer(id=ep, seed=ep, observations=obs, actions=rng.uniform(-1, 1, (20, 8)).astype(np.float32),
-                                     rewards=[0.0] * 20, terminations=[False] * 20, truncations=[False] * 19 + [True], infos={}))
-    minari.create_dataset_from_buffers("test/antmaze/tiny-v1", buffers, env=eval_env, eval_env=eval_env, ref_min_score=0.0, ref_max_score=1.0,
-                                       algorithm_name="random", author="test", author_email="test@example.com",
-                                       code_permalink="https://example.com", description="tiny test data")
-    run_script(SCRIPT, "--dataset-id", "test/antmaze/tiny-v1", "--total-steps", 20, "--eval-interval", 20, "--batch-size", 16,
-               "--eval-episodes", 2, "--run-name", "ant", cwd=tmp_path)
+        obs = {
+            "achieved_goal": rng.normal(size=(21, 2)),
+            "desired_goal": rng.normal(size=(21, 2)),
+            "observation": rng.normal(size=(21, 27)),
+        }
+        buffers.append(
+            EpisodeBuffer(
+                id=ep,
+                seed=ep,
+                observations=obs,
+                actions=rng.uniform(-1, 1, (20, 8)).astype(np.float32),
+                rewards=[0.0] * 20,
+                terminations=[False] * 20,
+                truncations=[False] * 19 + [True],
+                infos={},
+            )
+        )
+    minari.create_dataset_from_buffers(
+        "test/antmaze/tiny-v1",
+        buffers,
+        env=eval_env,
+        eval_env=eval_env,
+        ref_min_score=0.0,
+        ref_max_score=1.0,
+        algorithm_name="random",
+        author="test",
+        author_email="test@example.com",
+        code_permalink="https://example.com",
+        description="tiny test data",
+    )
+    run_script(
+        SCRIPT,
+        "--dataset-id",
+        "test/antmaze/tiny-v1",
+        "--total-steps",
+        20,
+        "--eval-interval",
+        20,
+        "--batch-size",
+        16,
+        "--eval-episodes",
+        2,
+        "--run-name",
+        "ant",
+        cwd=tmp_path,
+    )
     summary = json.loads((tmp_path / "runs/ant/summary.json").read_text())
-    assert summary["args"]["preset"] == "antmaze" and summary["args"]["twin_q"] and summary["args"]["timeout_as_terminal"]
+    assert (
+        summary["args"]["preset"] == "antmaze" and summary["args"]["twin_q"] and summary["args"]["timeout_as_terminal"]
+    )
     (evaluation,) = summary["evaluations"]
     assert summary["final_score"] == 100 * evaluation["success_rate"] and summary["final_score"] in (0.0, 50.0, 100.0)
 
@@ -273,8 +381,21 @@ def load_params(path):
 
 def test_d4rl_file_end_to_end_and_resume_equality(tmp_path):
     write_d4rl_file(tmp_path / "hopper-medium-v2.hdf5", [(30, False), (20, True), (30, False)])
-    common = ["--dataset-path", "hopper-medium-v2.hdf5", "--env-id", "Hopper-v5", "--eval-episodes", 1, "--log-interval", 50,
-              "--eval-interval", 60, "--save-model", "--twin-q", "True"]
+    common = [
+        "--dataset-path",
+        "hopper-medium-v2.hdf5",
+        "--env-id",
+        "Hopper-v5",
+        "--eval-episodes",
+        1,
+        "--log-interval",
+        50,
+        "--eval-interval",
+        60,
+        "--save-model",
+        "--twin-q",
+        "True",
+    ]
     run_script(SCRIPT, *common, "--total-steps", 120, "--run-name", "straight", cwd=tmp_path)
     run_script(SCRIPT, *common, "--total-steps", 60, "--run-name", "half", cwd=tmp_path)
     proc = run_script(SCRIPT, *common, "--total-steps", 120, "--resume", "runs/half/checkpoint.pt", cwd=tmp_path)
@@ -291,30 +412,57 @@ def test_d4rl_file_end_to_end_and_resume_equality(tmp_path):
     # A loss that overflows stops training, names the step and leaves the last checkpoint as it was.
     before = (tmp_path / "runs/half/checkpoint.pt").read_bytes()
     write_d4rl_file(tmp_path / "hopper-medium-v2.hdf5", [(30, False), (20, True), (30, False)], reward_value=1e30)
-    proc = run_script(SCRIPT, *common, "--total-steps", 200, "--resume", "runs/half/checkpoint.pt", cwd=tmp_path, check=False)
+    proc = run_script(
+        SCRIPT, *common, "--total-steps", 200, "--resume", "runs/half/checkpoint.pt", cwd=tmp_path, check=False
+    )
     assert_user_error(proc, "non-finite loss", "at step 121", "runs/half/checkpoint.pt is unchanged")
     assert (tmp_path / "runs/half/checkpoint.pt").read_bytes() == before
 
 
 def test_bad_inputs(tmp_path):
     env = {"MINARI_DATASETS_PATH": str(tmp_path / "empty")}
-    assert_user_error(run_script(SCRIPT, "--dataset-id", "D4RL/door/expert-v2", cwd=tmp_path, env=env, check=False),
-                      "D4RL/door/expert-v2", "minari download D4RL/door/expert-v2", "--dataset-path")
-    assert_user_error(run_script(SCRIPT, "--dataset-path", "nope.hdf5", "--env-id", "Hopper-v5", cwd=tmp_path, check=False), "no such file")
+    assert_user_error(
+        run_script(SCRIPT, "--dataset-id", "D4RL/door/expert-v2", cwd=tmp_path, env=env, check=False),
+        "D4RL/door/expert-v2",
+        "minari download D4RL/door/expert-v2",
+        "--dataset-path",
+    )
+    assert_user_error(
+        run_script(SCRIPT, "--dataset-path", "nope.hdf5", "--env-id", "Hopper-v5", cwd=tmp_path, check=False),
+        "no such file",
+    )
     with h5py.File(tmp_path / "broken.hdf5", "w") as f:
         f["observations"] = np.zeros((5, 11), np.float32)
         f["actions"] = np.zeros((5, 3), np.float32)
-    assert_user_error(run_script(SCRIPT, "--dataset-path", "broken.hdf5", "--env-id", "Hopper-v5", cwd=tmp_path, check=False),
-                      "missing keys", "rewards", "terminals", "timeouts")
+    assert_user_error(
+        run_script(SCRIPT, "--dataset-path", "broken.hdf5", "--env-id", "Hopper-v5", cwd=tmp_path, check=False),
+        "missing keys",
+        "rewards",
+        "terminals",
+        "timeouts",
+    )
     write_d4rl_file(tmp_path / "hopper.hdf5", [(10, False)])
-    assert_user_error(run_script(SCRIPT, "--dataset-path", "hopper.hdf5", "--env-id", "Walker2d-v5", cwd=tmp_path, check=False),
-                      "observation size 11 vs 17", "action size 3 vs 6")
+    assert_user_error(
+        run_script(SCRIPT, "--dataset-path", "hopper.hdf5", "--env-id", "Walker2d-v5", cwd=tmp_path, check=False),
+        "observation size 11 vs 17",
+        "action size 3 vs 6",
+    )
     assert_user_error(run_script(SCRIPT, "--dataset-path", "hopper.hdf5", cwd=tmp_path, check=False), "--env-id")
-    assert_user_error(run_script(SCRIPT, "--dataset-path", "hopper.hdf5", "--env-id", "Hoper-v5", cwd=tmp_path, check=False),
-                      "--env-id Hoper-v5")
-    assert_user_error(run_script(SCRIPT, "--dataset-path", "hopper.hdf5", "--env-id", "Hopper-v5", "--alpha", 0, cwd=tmp_path, check=False),
-                      "must be > 0")
-    assert_user_error(run_script(SCRIPT, "--env-id", "Pendulum-v1", cwd=tmp_path, check=False), "no built-in dataset", "LunarLanderContinuous-v3")
+    assert_user_error(
+        run_script(SCRIPT, "--dataset-path", "hopper.hdf5", "--env-id", "Hoper-v5", cwd=tmp_path, check=False),
+        "--env-id Hoper-v5",
+    )
+    assert_user_error(
+        run_script(
+            SCRIPT, "--dataset-path", "hopper.hdf5", "--env-id", "Hopper-v5", "--alpha", 0, cwd=tmp_path, check=False
+        ),
+        "must be > 0",
+    )
+    assert_user_error(
+        run_script(SCRIPT, "--env-id", "Pendulum-v1", cwd=tmp_path, check=False),
+        "no built-in dataset",
+        "LunarLanderContinuous-v3",
+    )
     assert_user_error(run_script(SCRIPT, "--ref-min-score", 0, cwd=tmp_path, check=False), "--ref-max-score")
 
 
@@ -322,6 +470,7 @@ def test_bad_inputs(tmp_path):
 # reference scores, built-in data, divergence monitor and a learning regression on a task built here
 def test_reference_score_rule():
     """D4RL's references only for a D4RL file named as D4RL names it; explicit references win; otherwise None."""
+
     def refs(*cli):
         return icq.reference_scores(icq.resolve_args(tyro.cli(icq.Args, args=list(cli))), None)
 
@@ -330,15 +479,33 @@ def test_reference_score_rule():
     assert refs("--dataset-path", "door-human-v0.hdf5", "--env-id", "AdroitHandDoor-v1")[:2] == (-56.512833, 2880.5693)
     for name in ("hopper-medium-test.hdf5", "my_hopper.hdf5", "hopper-medium-v2-resampled.hdf5", "walker.hdf5"):
         assert refs("--dataset-path", name, "--env-id", "Hopper-v5") is None, name
-    assert refs("--dataset-path", "my_hopper.hdf5", "--env-id", "Hopper-v5", "--ref-min-score", "-5", "--ref-max-score", "95") == (
-        -5.0, 95.0, "--ref-min-score/--ref-max-score")
+    assert refs(
+        "--dataset-path", "my_hopper.hdf5", "--env-id", "Hopper-v5", "--ref-min-score", "-5", "--ref-max-score", "95"
+    ) == (-5.0, 95.0, "--ref-min-score/--ref-max-score")
     assert refs()[:2] == (icq.RANDOM_RETURN, icq.HEURISTIC_RETURN)
-    assert icq.normalized_score((-5.0, 95.0, ""), False, 45.0, 0.0) == 50.0 and icq.normalized_score(None, False, 45.0, 0.0) is None
+    assert (
+        icq.normalized_score((-5.0, 95.0, ""), False, 45.0, 0.0) == 50.0
+        and icq.normalized_score(None, False, 45.0, 0.0) is None
+    )
 
 
 def test_builtin_dataset(tmp_path):
-    """`python icq_continuous.py` runs offline on the built-in mixed LunarLander data and reports each lander's return."""
-    common = ["--dataset-size", 400, "--total-steps", 20, "--eval-interval", 20, "--log-interval", 10, "--eval-episodes", 1, "--batch-size", 16]
+    """`python icq_continuous.py` runs offline on the built-in mixed LunarLander data and reports each lander's
+    return."""
+    common = [
+        "--dataset-size",
+        400,
+        "--total-steps",
+        20,
+        "--eval-interval",
+        20,
+        "--log-interval",
+        10,
+        "--eval-episodes",
+        1,
+        "--batch-size",
+        16,
+    ]
     proc = run_script(SCRIPT, *common, "--run-name", "b", cwd=tmp_path)
     assert "generating datasets/LunarLanderContinuous-v3-mixed-400.npz" in proc.stdout and "Adroit" not in proc.stderr
     summary = json.loads((tmp_path / "runs/b/summary.json").read_text())
@@ -348,7 +515,9 @@ def test_builtin_dataset(tmp_path):
     assert list(landers) == list(icq.BUILTIN["mixed"]) and max(landers, key=landers.get) == "heuristic"
     assert summary["args"]["preset"] == "lunarlander" and summary["reference_scores"]["min"] == icq.RANDOM_RETURN
     (evaluation,) = summary["evaluations"]
-    assert evaluation["score"] == pytest.approx(100 * (evaluation["return"] - icq.RANDOM_RETURN) / (icq.HEURISTIC_RETURN - icq.RANDOM_RETURN))
+    assert evaluation["score"] == pytest.approx(
+        100 * (evaluation["return"] - icq.RANDOM_RETURN) / (icq.HEURISTIC_RETURN - icq.RANDOM_RETURN)
+    )
     proc = run_script(SCRIPT, *common, "--run-name", "b2", cwd=tmp_path)  # the cached file is reused
     assert "generating" not in proc.stdout
     assert json.loads((tmp_path / "runs/b2/summary.json").read_text())["dataset_return"] == summary["dataset_return"]
@@ -372,7 +541,8 @@ class PointMass(gym.Env):
 
 @pytest.fixture
 def point_mass_data(tmp_path, monkeypatch):
-    """A D4RL-layout file where a quarter of the episodes push right and the rest push left (BC's mean action is ~ -0.5)."""
+    """A D4RL-layout file where a quarter of the episodes push right and the rest push left (BC's mean action is
+    ~ -0.5)."""
     if "PointMass1D-v0" not in gym.registry:
         gym.register("PointMass1D-v0", entry_point=PointMass, max_episode_steps=10)
     monkeypatch.chdir(tmp_path)
@@ -388,7 +558,16 @@ def point_mass_data(tmp_path, monkeypatch):
         for key, column in zip(("observations", "actions", "rewards", "timeouts"), zip(*rows)):
             f[key] = np.array(column, np.float32 if key != "timeouts" else bool)
         f["terminals"] = np.zeros(len(rows), bool)
-    return ["--dataset-path", "point-mass.hdf5", "--env-id", "PointMass1D-v0", "--batch-size", "64", "--eval-episodes", "5"]
+    return [
+        "--dataset-path",
+        "point-mass.hdf5",
+        "--env-id",
+        "PointMass1D-v0",
+        "--batch-size",
+        "64",
+        "--eval-episodes",
+        "5",
+    ]
 
 
 def train(*cli):
@@ -396,22 +575,94 @@ def train(*cli):
 
 
 # A critic temperature small against this task's Q spread: the unclipped eq.-10 weight then reaches ~n on single rows.
-POINT_MASS_ICQ = ["--alpha", "0.1", "--critic-alpha", "1", "--total-steps", "1500", "--eval-interval", "1500", "--log-interval", "250"]
+POINT_MASS_ICQ = [
+    "--alpha",
+    "0.1",
+    "--critic-alpha",
+    "1",
+    "--total-steps",
+    "1500",
+    "--eval-interval",
+    "1500",
+    "--log-interval",
+    "250",
+]
 
 
 def test_icq_beats_exact_bc_and_q_stays_bounded(point_mass_data):
-    """Learning regression: from data where 3 of 4 episodes push the wrong way, ICQ's weighted BC recovers the right-pushing
-    policy while exact BC clones the majority; the default (clamped) critic stays inside max|r| / (1 - gamma) all run long."""
+    """Learning regression: from data where 3 of 4 episodes push the wrong way, ICQ's weighted BC recovers the
+    right-pushing policy while exact BC clones the majority; the default (clamped) critic stays inside
+    max|r| / (1 - gamma) all run long."""
     icq_run = train(*point_mass_data, *POINT_MASS_ICQ, "--run-name", "icq")
     bc_run = train(*point_mass_data, *POINT_MASS_ICQ, "--alpha", "inf", "--run-name", "bc")
-    assert icq_run["final_return"] > 4.0 and bc_run["final_return"] < 0.0, (icq_run["final_return"], bc_run["final_return"])
+    assert icq_run["final_return"] > 4.0 and bc_run["final_return"] < 0.0, (
+        icq_run["final_return"],
+        bc_run["final_return"],
+    )
     assert icq_run["q_abs_max"] <= icq_run["q_bound"] == pytest.approx(1 / (1 - 0.99))
 
 
 def test_unclipped_critic_weight_diverges_with_one_warning(point_mass_data, capsys):
     """The literal eq.-10 weight leaves the reward-implied bound; the run warns once, with the step and the flag."""
-    summary = train(*point_mass_data, *POINT_MASS_ICQ, "--no-clip-critic-weights", "--critic-weight-scale", "1",
-                    "--total-steps", "800", "--eval-interval", "800", "--log-interval", "100", "--run-name", "unclipped")
+    summary = train(
+        *point_mass_data,
+        *POINT_MASS_ICQ,
+        "--no-clip-critic-weights",
+        "--critic-weight-scale",
+        "1",
+        "--total-steps",
+        "800",
+        "--eval-interval",
+        "800",
+        "--log-interval",
+        "100",
+        "--run-name",
+        "unclipped",
+    )
     err = capsys.readouterr().err
     assert summary["q_abs_max"] > summary["q_bound"]
     assert err.count("warning: |Q|") == 1 and "at step" in err and "drop --no-clip-critic-weights" in err
+
+
+def test_critic_loss_trains_with_the_tested_critic_target(monkeypatch):
+    """critic_loss builds its target with critic_target (no inline copy), so the tests above test what trains."""
+    calls = []
+    original = icq.critic_target
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(icq, "critic_target", spy)
+    torch.manual_seed(0)
+    batch = (torch.randn(8, 3), torch.rand(8, 2), torch.randn(8), torch.randn(8, 3), torch.rand(8, 2), torch.zeros(8))
+    critic = icq.Critic(3, 2, 1)
+    loss, q, rho = icq.critic_loss(critic, critic, batch, 0.99, 1.0, 0.5, True)
+    assert len(calls) == 1
+    target, expected_rho = original(
+        batch[2], batch[5], critic(batch[3], batch[4]).min(0).values.detach(), 0.99, 1.0, 0.5
+    )
+    assert torch.equal(rho, expected_rho) and torch.equal(loss, ((q - target) ** 2).mean(1).sum())
+
+
+def test_preset_auto_follows_a_lunarlander_env_whatever_the_data(tmp_path):
+    """--preset auto picks lunarlander for a LunarLander env id, also for a --dataset-path file; an explicit preset
+    wins."""
+
+    def resolve(*cli):
+        return icq.resolve_args(tyro.cli(icq.Args, args=list(cli)))
+
+    lunar = ("--dataset-path", "lunar-mixed.hdf5", "--env-id", "LunarLanderContinuous-v3")
+    args = resolve(*lunar)
+    assert args.preset == "lunarlander" and (args.batch_size, args.alpha, args.actor_signal) == (256, 30.0, "q")
+    assert resolve(*lunar, "--preset", "locomotion").preset == "locomotion"
+    assert resolve(*lunar, "--alpha", "5").alpha == 5.0  # a given flag still beats the preset
+    assert resolve("--dataset-path", "hopper-medium-v2.hdf5", "--env-id", "Hopper-v5").preset == "locomotion"
+    assert resolve("--dataset-path", "antmaze-umaze-v2.hdf5", "--env-id", "AntMaze_UMaze-v4").preset == "antmaze"
+    assert resolve().preset == "lunarlander"  # built-in data
+    # End to end: the summary of a run on such a file records the lunarlander preset.
+    write_d4rl_file(tmp_path / "lunar-mixed.hdf5", [(30, False), (20, True)], obs_dim=8, act_dim=2)
+    run_script(
+        SCRIPT, *lunar, "--total-steps", 10, "--batch-size", 16, "--eval-episodes", 1, "--run-name", "l", cwd=tmp_path
+    )
+    assert json.loads((tmp_path / "runs/l/summary.json").read_text())["args"]["preset"] == "lunarlander"
