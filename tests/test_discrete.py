@@ -1,4 +1,5 @@
 """icq_discrete.py: the ICQ weights and operator (spec section 5) and the script end to end on tiny data."""
+
 import json
 import math
 
@@ -8,7 +9,15 @@ import torch
 import torch.nn as nn
 from conftest import assert_user_error, run_script
 
-from icq_discrete import actor_loss, behavior_weights, critic_loss, critic_target, icq_weights, load_d4rl_hdf5, make_dataset_tensors
+from icq_discrete import (
+    actor_loss,
+    behavior_weights,
+    critic_loss,
+    critic_target,
+    icq_weights,
+    load_d4rl_hdf5,
+    make_dataset_tensors,
+)
 
 SCRIPT = "icq_discrete.py"
 ENV = {"OMP_NUM_THREADS": "1"}  # tiny networks: one thread is faster than two fighting over shared cores
@@ -24,7 +33,9 @@ def test_icq_weights_properties():
     assert torch.isclose(w[mask].mean(), torch.tensor(1.0)) and w[4] == 0
     assert torch.isclose(icq_weights(x, 1.0).mean(), torch.tensor(1.0))
     assert torch.allclose(icq_weights(x, 1e9, mask)[mask], torch.ones(4))  # uniform as T -> inf
-    assert torch.allclose(icq_weights(x, 1e-3, mask), torch.tensor([0.0, 0.0, 4.0, 0.0, 0.0]))  # one-hot on the valid max
+    assert torch.allclose(
+        icq_weights(x, 1e-3, mask), torch.tensor([0.0, 0.0, 4.0, 0.0, 0.0])
+    )  # one-hot on the valid max
     big = icq_weights(torch.tensor([1e4, -1e4, 0.0, 9999.0]), 1e-3)
     assert torch.isfinite(big).all() and torch.allclose(big, torch.tensor([4.0, 0.0, 0.0, 0.0]))
     assert not icq_weights(x.clone().requires_grad_(), 1.0).requires_grad
@@ -37,7 +48,9 @@ def test_behavior_weights_exact_form():
     w = torch.stack([behavior_weights(q, torch.full((2,), a), mu.log(), 2.0) for a in range(3)], 1)
     expected = torch.exp(q[0] / 2) / (mu[0] * torch.exp(q[0] / 2)).sum()
     assert torch.allclose(w[0], expected)
-    assert torch.allclose((mu * w).sum(1), torch.ones(2), atol=1e-3)  # E_mu[w] = 1 per state, even at q / T = 5000 (float32)
+    assert torch.allclose(
+        (mu * w).sum(1), torch.ones(2), atol=1e-3
+    )  # E_mu[w] = 1 per state, even at q / T = 5000 (float32)
     assert torch.isfinite(behavior_weights(q, torch.tensor([1, 1]), mu.log(), 1e-3)).all()
     assert not behavior_weights(q.requires_grad_(), torch.tensor([0, 1]), mu.log(), 1.0).requires_grad
 
@@ -70,7 +83,10 @@ def tabular_batch(n_states=6, n_actions=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     eye = torch.eye(n_states)
     obs, next_obs = eye[torch.randperm(n_states, generator=g)], eye
-    act, next_act = torch.randint(n_actions, (n_states,), generator=g), torch.randint(n_actions, (n_states,), generator=g)
+    act, next_act = (
+        torch.randint(n_actions, (n_states,), generator=g),
+        torch.randint(n_actions, (n_states,), generator=g),
+    )
     rew, done = torch.randn(n_states, generator=g), torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
     return (obs, act, rew, next_obs, next_act, done), torch.randn(n_states, n_actions, generator=g)
 
@@ -95,10 +111,16 @@ def test_batch_critic_never_reads_q_at_actions_outside_the_batch():
     outside[torch.arange(6), next_act] = False
     perturbed = q_table + outside * 1000 * torch.randn_like(q_table)
     critic = Table(torch.zeros(6, 3))
-    same = critic_loss(critic, Table(q_table), None, batch, 0.9, 1.0)[0] == critic_loss(critic, Table(perturbed), None, batch, 0.9, 1.0)[0]
+    same = (
+        critic_loss(critic, Table(q_table), None, batch, 0.9, 1.0)[0]
+        == critic_loss(critic, Table(perturbed), None, batch, 0.9, 1.0)[0]
+    )
     assert same
     behavior = Table(torch.zeros(6, 3))  # the exact Z reads them, by definition: the check above can see a difference
-    assert critic_loss(critic, Table(q_table), behavior, batch, 0.9, 1.0)[0] != critic_loss(critic, Table(perturbed), behavior, batch, 0.9, 1.0)[0]
+    assert (
+        critic_loss(critic, Table(q_table), behavior, batch, 0.9, 1.0)[0]
+        != critic_loss(critic, Table(perturbed), behavior, batch, 0.9, 1.0)[0]
+    )
 
 
 def test_critic_target_masks_terminals_and_actor_loss_weights():
@@ -129,8 +151,12 @@ def test_alpha_inf_is_exact_behaviour_cloning():
     log_prob = torch.tensor([-0.3, -1.7, -2.2, -0.01])
     for signal in (torch.tensor([1e30, -1e30, 0.0, 5.0]), torch.tensor([1e4, 1e4, -1e4, 3.0])):
         assert torch.equal(actor_loss(log_prob, signal, math.inf), -log_prob.mean())  # exactly, not approximately
-        assert torch.equal(actor_loss(log_prob, signal, math.inf, weights=torch.tensor([9.0, 0.0, 0.0, 0.0])), -log_prob.mean())
-    assert not torch.equal(actor_loss(log_prob, torch.tensor([1e4, 0.0, 0.0, 0.0]), 1e6), -log_prob.mean())  # a huge alpha is not
+        assert torch.equal(
+            actor_loss(log_prob, signal, math.inf, weights=torch.tensor([9.0, 0.0, 0.0, 0.0])), -log_prob.mean()
+        )
+    assert not torch.equal(
+        actor_loss(log_prob, torch.tensor([1e4, 0.0, 0.0, 0.0]), 1e6), -log_prob.mean()
+    )  # a huge alpha is not
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -140,7 +166,9 @@ def icq_operator_fixed_point(P, R, mu, alpha, gamma, iters=2000):
     n_states, n_actions = R.shape
     q = torch.zeros_like(R)
     for _ in range(iters):
-        rho = torch.stack([behavior_weights(q, torch.full((n_states,), a), mu.log(), alpha) for a in range(n_actions)], 1)
+        rho = torch.stack(
+            [behavior_weights(q, torch.full((n_states,), a), mu.log(), alpha) for a in range(n_actions)], 1
+        )
         v = torch.where(mu > 0, mu * rho * q, 0.0).sum(1)  # unsupported actions: mu = 0, their rho is never used
         q, previous = R + gamma * P @ v, q
     return q, (q - previous).abs().max().item()
@@ -156,7 +184,9 @@ def test_exact_icq_operator_converges_between_sarsa_and_in_support_max():
     mu = torch.tensor([[0.7, 0.3, 0.0]] * n_states, dtype=torch.float64)
     # Q^mu solves Q = R + gamma P mu Q; the in-support optimum is value iteration with max over mu's support.
     P_mu = torch.einsum("sat,tb->satb", P, mu).reshape(n_states * n_actions, -1)
-    q_mu = torch.linalg.solve(torch.eye(n_states * n_actions, dtype=torch.float64) - gamma * P_mu, R.reshape(-1)).reshape(R.shape)
+    q_mu = torch.linalg.solve(
+        torch.eye(n_states * n_actions, dtype=torch.float64) - gamma * P_mu, R.reshape(-1)
+    ).reshape(R.shape)
     q_star = torch.zeros_like(R)
     for _ in range(2000):
         q_star = R + gamma * P @ q_star[:, :2].max(1).values
@@ -178,7 +208,9 @@ def read_summary(tmp_path, run_name):
 
 
 def test_builtin_dataset_end_to_end(tmp_path):
-    proc = run_script(SCRIPT, "--quality", "medium", "--dataset-size", 300, "--run-name", "tiny", *TINY, cwd=tmp_path, env=ENV)
+    proc = run_script(
+        SCRIPT, "--quality", "medium", "--dataset-size", 300, "--run-name", "tiny", *TINY, cwd=tmp_path, env=ENV
+    )
     assert "eval step 20" in proc.stdout
     assert (tmp_path / "datasets" / "LunarLander-v3-medium-300.npz").exists()
     summary = read_summary(tmp_path, "tiny")
@@ -190,7 +222,9 @@ def test_builtin_dataset_end_to_end(tmp_path):
 
 
 def test_builtin_mixed_data_mixes_distinct_policies(tmp_path):
-    proc = run_script(SCRIPT, "--quality", "mixed", "--dataset-size", 1500, "--run-name", "mixed", *TINY, cwd=tmp_path, env=ENV)
+    proc = run_script(
+        SCRIPT, "--quality", "mixed", "--dataset-size", 1500, "--run-name", "mixed", *TINY, cwd=tmp_path, env=ENV
+    )
     assert "mean episode return per policy: heuristic" in proc.stdout
     with np.load(tmp_path / "datasets" / "LunarLander-v3-mixed-policies-1500.npz") as npz:
         policies, lengths, rewards = npz["policies"], npz["lengths"], npz["rewards"]
@@ -220,32 +254,81 @@ def make_minari_dataset(root, dataset_id, env_id, episodes=4, eval_env=None, ref
         while not done:
             a = env.action_space.sample()
             obs, r, terminated, truncated, _ = env.step(a)
-            observations.append(obs), actions.append(a), rewards.append(r), terms.append(terminated), truncs.append(truncated)
+            (
+                observations.append(obs),
+                actions.append(a),
+                rewards.append(r),
+                terms.append(terminated),
+                truncs.append(truncated),
+            )
             done = terminated or truncated or len(actions) == 50
         truncs[-1] = truncs[-1] or not terms[-1]
-        buffers.append(EpisodeBuffer(id=i, seed=i, observations=np.array(observations), actions=np.array(actions),
-                                     rewards=rewards, terminations=terms, truncations=truncs, infos={}))
+        buffers.append(
+            EpisodeBuffer(
+                id=i,
+                seed=i,
+                observations=np.array(observations),
+                actions=np.array(actions),
+                rewards=rewards,
+                terminations=terms,
+                truncations=truncs,
+                infos={},
+            )
+        )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MINARI_DATASETS_PATH", str(root))
-        minari.create_dataset_from_buffers(dataset_id, buffers, env=env_id, eval_env=eval_env or env_id, algorithm_name="random",
-                                           author="test", author_email="test@example.com", code_permalink="none", description="test",
-                                           ref_min_score=ref_scores[0], ref_max_score=ref_scores[1])
+        minari.create_dataset_from_buffers(
+            dataset_id,
+            buffers,
+            env=env_id,
+            eval_env=eval_env or env_id,
+            algorithm_name="random",
+            author="test",
+            author_email="test@example.com",
+            code_permalink="none",
+            description="test",
+            ref_min_score=ref_scores[0],
+            ref_max_score=ref_scores[1],
+        )
 
 
 def test_minari_discrete_dataset_end_to_end(tmp_path):
     root = tmp_path / "minari"
     make_minari_dataset(root, "test/cartpole/random-v0", "CartPole-v1")
-    run_script(SCRIPT, "--dataset-id", "test/cartpole/random-v0", "--run-name", "cart", "--normalizer", "behavior", *TINY,
-               cwd=tmp_path, env={**ENV, "MINARI_DATASETS_PATH": str(root)})
+    run_script(
+        SCRIPT,
+        "--dataset-id",
+        "test/cartpole/random-v0",
+        "--run-name",
+        "cart",
+        "--normalizer",
+        "behavior",
+        *TINY,
+        cwd=tmp_path,
+        env={**ENV, "MINARI_DATASETS_PATH": str(root)},
+    )
     summary = read_summary(tmp_path, "cart")
     assert summary["final_return"] >= 1 and np.isclose(summary["final_score"], 100 * summary["final_return"] / 500)
 
 
 def test_resume_equals_straight_run(tmp_path):
-    common = ("--quality", "mixed", "--dataset-size", 200, "--normalizer", "behavior", "--save-model", *TINY[4:], "--eval-interval", 15)
+    common = (
+        "--quality",
+        "mixed",
+        "--dataset-size",
+        200,
+        "--normalizer",
+        "behavior",
+        "--save-model",
+        *TINY[4:],
+        "--eval-interval",
+        15,
+    )
     run_script(SCRIPT, *common, "--total-steps", 30, "--run-name", "straight", cwd=tmp_path, env=ENV)
     run_script(SCRIPT, *common, "--total-steps", 15, "--run-name", "split", cwd=tmp_path, env=ENV)
-    proc = run_script(SCRIPT, *common, "--total-steps", 30, "--resume", "runs/split/checkpoint.pt", cwd=tmp_path, env=ENV)
+    proc = run_script(
+        SCRIPT, *common, "--total-steps", 30, "--resume", "runs/split/checkpoint.pt", cwd=tmp_path, env=ENV
+    )
     assert "resumed from runs/split/checkpoint.pt at step 15" in proc.stdout
     a, b = (torch.load(tmp_path / "runs" / r / "checkpoint.pt", weights_only=False) for r in ("straight", "split"))
     assert a["step"] == b["step"] == 30
@@ -287,14 +370,17 @@ def test_d4rl_hdf5_episode_boundaries_and_next_actions(tmp_path):
     assert data["actions"].dtype == torch.long and data["rewards"].tolist() == [0, 1, 2, 3, 4, 6]
 
 
-@pytest.mark.parametrize("case, fragments", [
-    ("missing", ("no such file",)),
-    ("keys", ("missing keys ['timeouts']",)),
-    ("float-actions", ("integer",)),
-    ("lengths", ("different lengths",)),
-    ("env", ("disagree", "observation size 3 vs 8")),
-    ("actions", ("disagree", "actions used by the data 5 vs the env's 4")),
-])
+@pytest.mark.parametrize(
+    "case, fragments",
+    [
+        ("missing", ("no such file",)),
+        ("keys", ("missing keys ['timeouts']",)),
+        ("float-actions", ("integer",)),
+        ("lengths", ("different lengths",)),
+        ("env", ("disagree", "observation size 3 vs 8")),
+        ("actions", ("disagree", "actions used by the data 5 vs the env's 4")),
+    ],
+)
 def test_d4rl_hdf5_errors(tmp_path, case, fragments):
     n = 6
     obs, actions = np.zeros((n, 8 if case != "env" else 3), np.float32), np.zeros(n, np.int64)
@@ -304,7 +390,15 @@ def test_d4rl_hdf5_errors(tmp_path, case, fragments):
         actions = np.full(n, 4)
     rewards = np.zeros(n - 1 if case == "lengths" else n, np.float32)
     if case != "missing":
-        write_d4rl(tmp_path / "d.hdf5", obs, actions, rewards, np.zeros(n, bool), np.zeros(n, bool), drop=("timeouts",) if case == "keys" else ())
+        write_d4rl(
+            tmp_path / "d.hdf5",
+            obs,
+            actions,
+            rewards,
+            np.zeros(n, bool),
+            np.zeros(n, bool),
+            drop=("timeouts",) if case == "keys" else (),
+        )
     proc = run_script(SCRIPT, "--dataset-path", "d.hdf5", *TINY, cwd=tmp_path, env=ENV, check=False)
     assert_user_error(proc, *fragments)
 
@@ -312,10 +406,27 @@ def test_d4rl_hdf5_errors(tmp_path, case, fragments):
 def test_q_leaving_the_reward_bound_warns_once_with_the_flag(tmp_path):
     # All rewards 0: the bound max|r| / (1 - gamma) is 0, so the freshly initialised critic already leaves it at step 1.
     rng = np.random.default_rng(0)
-    write_d4rl(tmp_path / "zero.hdf5", rng.normal(size=(40, 8)).astype(np.float32), rng.integers(4, size=40), np.zeros(40),
-               np.eye(40, dtype=bool)[19], np.zeros(40, bool))
-    proc = run_script(SCRIPT, "--dataset-path", "zero.hdf5", "--no-clip-critic-weights", "--run-name", "zero", *TINY, cwd=tmp_path, env=ENV)
-    warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning")]
+    write_d4rl(
+        tmp_path / "zero.hdf5",
+        rng.normal(size=(40, 8)).astype(np.float32),
+        rng.integers(4, size=40),
+        np.zeros(40),
+        np.eye(40, dtype=bool)[19],
+        np.zeros(40, bool),
+    )
+    proc = run_script(
+        SCRIPT,
+        "--dataset-path",
+        "zero.hdf5",
+        "--no-clip-critic-weights",
+        "--run-name",
+        "zero",
+        *TINY,
+        cwd=tmp_path,
+        env=ENV,
+    )
+    assert "warning" not in proc.stdout  # warnings go to stderr
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning")]
     assert len(warnings) == 1 and "at step 1:" in warnings[0] and "try --clip-critic-weights" in warnings[0]
     summary = read_summary(tmp_path, "zero")
     assert summary["q_bound"] == 0 < summary["q_abs_max"] and summary["final_score"] is None
@@ -329,7 +440,8 @@ import numpy as np
 
 
 class Chain(gym.Env):
-    \"\"\"States 0..5 in a row (one-hot), start at 0; action 0 moves right, 1 stays, 2 moves left; state 5 pays 100 and ends.\"\"\"
+    \"\"\"States 0..5 in a row (one-hot), start at 0; action 0 moves right, 1 stays, 2 moves left; state 5 pays 100
+    and ends.\"\"\"
     observation_space = gym.spaces.Box(0.0, 1.0, (6,), np.float32)
     action_space = gym.spaces.Discrete(3)
 
@@ -368,12 +480,25 @@ def write_chain_data(tmp_path, seed=0):
 def test_icq_beats_exact_bc_on_a_chain_and_q_stays_bounded(tmp_path):
     write_chain_data(tmp_path)
     env = {**ENV, "PYTHONPATH": str(tmp_path)}
-    common = ("--dataset-path", "chain.hdf5", "--env-id", "chain_env:Chain-v0", "--batch-size", 64, "--eval-episodes", 1,
-              "--log-interval", 100)
+    common = (
+        "--dataset-path",
+        "chain.hdf5",
+        "--env-id",
+        "chain_env:Chain-v0",
+        "--batch-size",
+        64,
+        "--eval-episodes",
+        1,
+        "--log-interval",
+        100,
+    )
     summaries = {}  # default ICQ; exact BC needs fewer steps to settle on the majority action
-    for method, extra in (("icq", ("--total-steps", 3000, "--eval-interval", 1000)), ("bc", ("--alpha", "inf", "--total-steps", 600, "--eval-interval", 300))):
+    for method, extra in (
+        ("icq", ("--total-steps", 3000, "--eval-interval", 1000)),
+        ("bc", ("--alpha", "inf", "--total-steps", 600, "--eval-interval", 300)),
+    ):
         proc = run_script(SCRIPT, *common, *extra, "--run-name", method, cwd=tmp_path, env=env)
-        assert "warning" not in proc.stdout
+        assert "warning" not in proc.stdout + proc.stderr
         summaries[method] = read_summary(tmp_path, method)
     icq, bc = summaries["icq"], summaries["bc"]
     assert icq["dataset_return"] < 50 and icq["q_bound"] == 100 / (1 - 0.99)
@@ -384,16 +509,19 @@ def test_icq_beats_exact_bc_on_a_chain_and_q_stays_bounded(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad inputs: one clear message, no traceback
-@pytest.mark.parametrize("args, fragments", [
-    (("--alpha", 0), ("--alpha", "> 0")),
-    (("--critic-alpha", -1), ("--critic-alpha", "> 0")),
-    (("--alpha", "nan"), ("--alpha", "inf is exact behaviour cloning")),
-    (("--dataset-id", "a/b-v0", "--dataset-path", "c.hdf5"), ("one of --dataset-id and --dataset-path",)),
-    (("--quality", "superb"), ("superb", "expert")),
-    (("--env-id", "CartPole-v1"), ("no built-in dataset", "LunarLander-v3")),
-    (("--dataset-id", "nope/nothing-v0"), ("minari download nope/nothing-v0", "built-in")),
-    (("--gamma", 1e30, "--dataset-size", 100, *TINY), ("non-finite loss",)),
-])
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (("--alpha", 0), ("--alpha", "> 0")),
+        (("--critic-alpha", -1), ("--critic-alpha", "> 0")),
+        (("--alpha", "nan"), ("--alpha", "inf is exact behaviour cloning")),
+        (("--dataset-id", "a/b-v0", "--dataset-path", "c.hdf5"), ("one of --dataset-id and --dataset-path",)),
+        (("--quality", "superb"), ("superb", "expert")),
+        (("--env-id", "CartPole-v1"), ("no built-in dataset", "LunarLander-v3")),
+        (("--dataset-id", "nope/nothing-v0"), ("minari download nope/nothing-v0", "built-in")),
+        (("--gamma", 1e30, "--dataset-size", 100, *TINY), ("non-finite loss",)),
+    ],
+)
 def test_bad_inputs(tmp_path, args, fragments):
     env = {**ENV, "MINARI_DATASETS_PATH": str(tmp_path / "minari")}
     assert_user_error(run_script(SCRIPT, *args, cwd=tmp_path, env=env, check=False), *fragments)
