@@ -67,9 +67,11 @@ class Args:
     batch_size: int = 32
     """episodes per iteration; the ICQ softmaxes normalise over them"""
     alpha: float = 0.1
-    """actor temperature: weight = icq_weights(A_i / alpha) over the batch's episodes; inf = exact behaviour cloning.
-    The authors' 0.1 makes the weights mostly critic noise on SMAX 3s_vs_5z medium data (the actor fits less than half
-    as fast as BC); 1 fitted as fast as BC there (README, results)"""
+    """actor temperature of exp(x / alpha) / Z (x: A_i with --normalizer batch, k_i Q_i with behavior);
+    inf = exact behaviour cloning"""
+    normalizer: Literal["batch", "behavior"] = "batch"
+    """Z of the actor weight and the critic's rho: batch = softmax over the batch's episodes (the authors'); behavior =
+    the exact per-state Z^i(tau^i) = sum_b mu_i(b|tau^i) exp(k_i Q_i(tau^i, b) / alpha) of a learned BC policy mu_i"""
     critic_alpha: float = 1000.0
     """critic temperature of rho = icq_weights(Q'_tot / critic_alpha)"""
     td_lambda: float = 0.75
@@ -86,7 +88,8 @@ class Args:
     mixer_bias: bool = False
     """add the state bias b(s) to Q_tot (the paper's mixer; the authors' code has none)"""
     mixer_weight_in_exponent: bool = False
-    """actor weight icq_weights(k_i * A_i) instead of the authors' k_i * icq_weights(A_i)"""
+    """--normalizer batch: actor weight icq_weights(k_i * A_i) instead of the authors' k_i * icq_weights(A_i)
+    (behavior always has k_i in the exponent, as the paper's w_i Q_i)"""
     actor_lr: float = 1e-3
     """actor learning rate (RMSprop; the authors': 5e-4, too slow for the GRU to fit 3s_vs_5z in thousands of iterations)"""
     actor_hidden: int = 128
@@ -407,6 +410,20 @@ def icq_weights(x, temperature, mask=None, dim=0):
     return torch.where(mask, weights, torch.zeros_like(weights))  # a slice with no valid entry gives 0, not NaN
 
 
+@torch.no_grad()
+def behavior_weights(x, actions, log_mu, temperature):
+    """The exact per-state weight exp(x(a)/T) / Z(tau), Z(tau) = sum_b mu(b|tau) exp(x(b)/T) (Sec. 3, eq. 7 with the
+    paper's own Z instead of the batch softmax), at the data action a, in log space.
+
+    x, log_mu: [..., A] (log_mu = log of the behaviour model, -inf at unavailable actions); actions [...]. Returns [...].
+    Any baseline added to x cancels, and E_{a ~ mu}[weight] = 1 in every state: states with high Q do not take the
+    weight from states with low Q, as they do under the batch softmax.
+    """
+    logits = x / temperature
+    log_z = torch.logsumexp(log_mu + logits, -1)
+    return (logits.gather(-1, actions.unsqueeze(-1)).squeeze(-1) - log_z).exp()
+
+
 def td_lambda_targets(rewards, terminated, mask, target_qs, gamma, td_lambda):
     """TD(lambda) returns G_t = r_t + gamma (1 - d_t) [(1 - lambda) y_{t+1} + lambda G_{t+1}] (eq. 20).
 
@@ -423,17 +440,29 @@ def td_lambda_targets(rewards, terminated, mask, target_qs, gamma, td_lambda):
 
 
 @torch.no_grad()
-def critic_targets(target_q, actions, k, bias, rewards, terminated, mask, gamma, td_lambda, critic_alpha):
+def critic_targets(target_q, actions, k, bias, rewards, terminated, mask, gamma, td_lambda, critic_alpha, log_mu=None):
     """The ICQ-MA critic target: TD(lambda) over y = rho * Q'_tot, rho = exp(Q'_tot/alpha)/Z (eq. 19).
 
     target_q [B,T,N,A] from the target critic; actions [B,T,N] dataset actions; k [B,T,N], bias [B,T] from the target
     mixer; rewards, terminated, mask [B,T-1]. Returns the targets [B,T-1] and rho [B,T] (0 where nothing bootstraps).
-    Q' is only read at dataset actions, and rho normalises per timestep over the episodes that bootstrap from that row.
+
+    log_mu None (--normalizer batch): Z is the softmax per timestep over the episodes that bootstrap from that row, and
+    Q' is only read at dataset actions. log_mu [B,T,N,A] (behavior): the exact Z(tau) = E_{a ~ mu}[exp(Q_tot(tau,a)/c)].
+    It needs no sum over the A^N joint actions: with a factorised behaviour policy mu(a|tau) = prod_i mu_i(a_i|tau_i)
+    and the linear mixer Q_tot = sum_i k_i Q_i + b,
+        E_mu[exp(Q_tot/c)] = exp(b/c) sum_{a_1..a_N} prod_i mu_i(a_i) exp(k_i Q_i(a_i)/c)
+                           = exp(b/c) prod_i sum_{b_i} mu_i(b_i) exp(k_i Q_i(b_i)/c),
+    so rho = exp(Q_tot(a)/c) / Z = prod_i exp(k_i Q_i(a_i)/c) / sum_b mu_i(b) exp(k_i Q_i(b)/c): the bias cancels and
+    rho is the product of the agents' own behavior_weights (N sums of A terms). Z reads Q' at the actions mu_i takes.
     """
-    q_tot = (k * target_q.gather(-1, actions.unsqueeze(-1)).squeeze(-1)).sum(-1) + bias
+    q_taken = target_q.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
     mask = mask.bool()
     bootstrapped = torch.cat([torch.zeros_like(mask[:, :1]), mask & (terminated == 0)], 1)
-    rho = icq_weights(q_tot, critic_alpha, bootstrapped, dim=0)
+    q_tot = (k * q_taken).sum(-1) + bias
+    if log_mu is None:
+        rho = icq_weights(q_tot, critic_alpha, bootstrapped, dim=0)
+    else:
+        rho = behavior_weights(k.unsqueeze(-1) * target_q, actions, log_mu, critic_alpha).prod(-1) * bootstrapped
     return td_lambda_targets(rewards, terminated, mask.to(rewards.dtype), rho * q_tot, gamma, td_lambda), rho
 
 
@@ -469,14 +498,15 @@ def masked_log_softmax(logits, avail):
     return torch.log_softmax(logits.masked_fill(~avail, -torch.inf), -1), avail
 
 
-def actor_loss(logits, avail, actions, q_values, k, mask, alpha, weight_in_exponent=False):
+def actor_loss(logits, avail, actions, q_values, k, mask, alpha, weight_in_exponent=False, log_mu=None):
     """Weighted behaviour cloning of each agent (Sec. 4.3): -mean(k_i * icq_weights(A_i / alpha) * log pi_i(a_i)).
 
     logits, q_values [B,T,N,A] (q detached); avail bool [B,T,N,A]; actions [B,T,N]; k [B,T,N] mixer weights;
     mask [B,T] valid transitions. A_i = Q_i(a_i) - sum_a pi_i(a) Q_i(a), the counterfactual baseline; the batch softmax
     runs over episodes for each (t, i). weight_in_exponent uses icq_weights(k_i A_i / alpha) instead. alpha = inf is
-    exact behaviour cloning: every weight is 1 (pi* = mu, so neither the softmax nor k_i reweights). Returns the loss
-    and the weights [B,T,N] (0 on padding).
+    exact behaviour cloning: every weight is 1 (pi* = mu, so neither the softmax nor k_i reweights). log_mu [B,T,N,A]
+    (--normalizer behavior): the paper's per-agent, per-history Z^i(tau^i) instead of the batch softmax, weight =
+    behavior_weights(k_i Q_i, a_i, log mu_i, alpha). Returns the loss and the weights [B,T,N] (0 on padding).
     """
     log_pi, avail = masked_log_softmax(logits, avail)
     q_values, k = q_values.detach(), k.detach()
@@ -485,6 +515,8 @@ def actor_loss(logits, avail, actions, q_values, k, mask, alpha, weight_in_expon
     agent_mask = mask.bool().unsqueeze(-1).expand_as(advantage)
     if alpha == float("inf"):
         weight = agent_mask.float()
+    elif log_mu is not None:
+        weight = behavior_weights(k.unsqueeze(-1) * q_values, actions, log_mu, alpha) * agent_mask
     elif weight_in_exponent:
         weight = icq_weights(k * advantage, alpha, agent_mask, dim=0)
     else:
@@ -732,6 +764,10 @@ if __name__ == "__main__":
     critic_optimizer = torch.optim.RMSprop(critic_params, lr=args.critic_lr, alpha=0.99, eps=1e-5)
     modules = {"actor": actor, "critic": critic, "mixer": mixer, "critic_target": critic_target_net, "mixer_target": mixer_target,
                "actor_optimizer": actor_optimizer, "critic_optimizer": critic_optimizer}
+    if args.normalizer == "behavior":  # mu_i for the exact Z: a recurrent policy with the actor's inputs, trained by exact BC
+        behavior = Actor(obs_dim, n_actions, n_agents, args.actor_hidden).to(device)
+        behavior_optimizer = torch.optim.RMSprop(behavior.parameters(), lr=args.actor_lr, alpha=0.99, eps=1e-5)
+        modules.update(behavior=behavior, behavior_optimizer=behavior_optimizer)
 
     start_step, evaluations, critic_steps, last_target_update = 0, [], 0, 0
     if checkpoint is not None:
@@ -786,13 +822,17 @@ if __name__ == "__main__":
         actions, avail = data["actions"][idx, :rows], data["avail"][idx, :rows]
         reward, terminated, mask = (data[k][idx, : rows - 1] for k in ("reward", "terminated", "mask"))
         maskf, valid = mask.float(), mask.bool()
+        log_mu = None
+        if args.normalizer == "behavior":  # mu_i(.|tau_i) at every row: the actor's rows t and the target's rows t + 1
+            mu_logits, _ = behavior(obs, previous_actions_onehot(actions, n_actions))
+            log_mu = masked_log_softmax(mu_logits, avail)[0].detach()
 
         # Critic: regress Q_tot(s_t, a_t) on the TD(lambda) target of eq. 20, built once from the target networks, which
         # run on the rows the transitions bootstrap from (t + 1 of each valid t) only; every network skips the padding.
         with torch.no_grad():
             target_q, k_target, b_target = on_rows(F.pad(valid, (1, 0)), lambda s, o: (critic_target_net(s, o), *mixer_target(s)), state, obs)
             targets, rho = critic_targets(target_q, actions, k_target, b_target, reward, terminated, mask,
-                                          args.gamma, args.td_lambda, args.critic_alpha)
+                                          args.gamma, args.td_lambda, args.critic_alpha, log_mu)
         # sequential: the authors' COMA-style loop, one optimiser step per timestep; batched: one step over all of them
         for index in critic_step_rows(valid, args.critic_updates == "sequential"):
             critic_loss = ((q_tot(state[index], obs[index], actions[index]) - targets[index]) ** 2).mean()
@@ -808,8 +848,12 @@ if __name__ == "__main__":
             q_values, k = on_rows(valid, lambda s, o: (critic(s, o), mixer(s)[0]), state[:, :-1], obs[:, :-1])
         last_actions = previous_actions_onehot(actions[:, :-1], n_actions)
         logits, _ = actor(obs[:, :-1], last_actions)
-        policy_loss, actor_weights = actor_loss(logits, avail[:, :-1], actions[:, :-1], q_values, k, mask, args.alpha, args.mixer_weight_in_exponent)
+        policy_loss, actor_weights = actor_loss(logits, avail[:, :-1], actions[:, :-1], q_values, k, mask, args.alpha,
+                                                args.mixer_weight_in_exponent, None if log_mu is None else log_mu[:, :-1])
         clipped_step(actor_optimizer, policy_loss, list(actor.parameters()))
+        if args.normalizer == "behavior":  # exact BC of mu_i on the same batch, after its weights were read
+            behavior_loss, _ = actor_loss(mu_logits[:, :-1], avail[:, :-1], actions[:, :-1], q_values, k, mask, float("inf"))
+            clipped_step(behavior_optimizer, behavior_loss, list(behavior.parameters()))
         nonfinite_step = torch.where((nonfinite_step < 0) & ~torch.isfinite(critic_loss + policy_loss), step, nonfinite_step)
 
         if step % args.log_interval == 0:
@@ -821,13 +865,17 @@ if __name__ == "__main__":
             writer.add_scalar("losses/q_values", q_mean.item(), step)
             # spread of the ICQ weights (eq. 19 and Sec. 4.3): near 1 everywhere means ICQ-MA is doing plain (SARSA / BC)
             valid_weights, valid_rho = actor_weights[mask.bool()], rho[rho > 0]
-            spread = {"actor_weight_max": valid_weights.max(), "actor_weight_std": valid_weights.std(), "rho_max": rho.max(), "rho_std": valid_rho.std()}
+            spread = {"actor_weight_max": valid_weights.max(), "actor_weight_std": valid_weights.std(), "rho_max": rho.max(), "rho_std": valid_rho.std(),
+                      # effective sample size of the actor weights, as a fraction of the batch's (t, i) pairs
+                      "actor_weight_ess": valid_weights.sum() ** 2 / (valid_weights.numel() * (valid_weights**2).sum())}
+            if args.normalizer == "behavior":
+                spread["behavior_loss"] = behavior_loss
             spread = {key: value.item() for key, value in spread.items()}
             for key, value in spread.items():
                 writer.add_scalar(f"losses/{key}", value, step)
             writer.add_scalar("charts/SPS", its, step)
             print(f"step {step}/{args.total_steps} | critic {critic_loss.item():.4f} | actor {policy_loss.item():.4f} | q {q_mean.item():.3f} | "
-                  f"weight max {spread['actor_weight_max']:.2f} std {spread['actor_weight_std']:.3f} | rho max {spread['rho_max']:.3f} | {its:.2f} it/s")
+                  f"weight max {spread['actor_weight_max']:.2f} std {spread['actor_weight_std']:.3f} ess {spread['actor_weight_ess']:.3f} | rho max {spread['rho_max']:.3f} | {its:.2f} it/s")
 
         if step % args.eval_interval == 0 or step == args.total_steps:
             check_finite(nonfinite_step)

@@ -16,6 +16,7 @@ from icq_ma_smac import (
     SmacAdapter,
     SmaxAdapter,
     actor_loss,
+    behavior_weights,
     critic_step_rows,
     critic_targets,
     evaluate,
@@ -174,6 +175,71 @@ def test_valid_rows_only_match_the_padded_batch(sequential):
     assert [int(t[0]) for _, t in critic_step_rows(holed, True)] == [0, 1, 3, 4, 5, 6]
 
 
+def test_behavior_weights_match_brute_force_and_average_one_under_mu():
+    """--normalizer behavior: w(tau, a) = exp(x(a)/T) / sum_b mu(b|tau) exp(x(b)/T) at each state; E_{a~mu}[w] = 1."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 3, 5, generator=g) * 4
+    avail = torch.rand(7, 3, 5, generator=g) > 0.3
+    avail[..., 1] = True
+    log_mu = torch.log_softmax(torch.randn(7, 3, 5, generator=g).masked_fill(~avail, -torch.inf), -1)
+    for temperature in (0.1, 1.0, 30.0):
+        for a in range(5):
+            actions = torch.full((7, 3), a)
+            got = behavior_weights(x, actions, log_mu, temperature)
+            for i in range(7):
+                for j in range(3):
+                    xd, mu = x[i, j].double(), log_mu[i, j].double().exp()  # float64: exp(x/T) reaches 1e70 here
+                    z = sum(mu[b] * torch.exp(xd[b] / temperature) for b in range(5) if avail[i, j, b])
+                    torch.testing.assert_close(got[i, j].double(), torch.exp(xd[a] / temperature) / z, rtol=1e-4, atol=1e-6)
+        every = torch.stack([behavior_weights(x, torch.full((7, 3), a), log_mu, temperature) for a in range(5)], -1)
+        torch.testing.assert_close((log_mu.exp() * every).sum(-1), torch.ones(7, 3))  # exactly 1 in every state
+        shifted = behavior_weights(x + torch.randn(7, 3, 1, generator=g) * 100, torch.ones(7, 3, dtype=torch.long),
+                                   log_mu, temperature)  # a per-state baseline cancels
+        torch.testing.assert_close(shifted, every[..., 1], rtol=1e-3, atol=1e-5)  # float32 logits of ~1e3
+    assert torch.isfinite(behavior_weights(x * 1e4, torch.ones(7, 3, dtype=torch.long), log_mu, 1e-3)).all()
+
+
+def test_behavior_rho_is_the_brute_force_joint_normaliser():
+    """The factorised rho of --normalizer behavior equals exp(Q_tot(a)/c) / E_{a'~mu}[exp(Q_tot(a')/c)] enumerated over
+    all A^N joint actions (N = 3, A = 4), the mixer bias included."""
+    B, T, N, A, c = 5, 8, 3, 4, 2.0
+    target_q, actions, k, _, rewards, terminated, mask = critic_inputs(B=B, T=T, N=N, A=A)
+    bias = torch.randn(B, T)
+    log_mu = torch.log_softmax(torch.randn(B, T, N, A), -1)
+    got_targets, rho = critic_targets(target_q, actions, k, bias, rewards, terminated, mask, 0.99, 0.75, c, log_mu)
+    joint = torch.cartesian_prod(*[torch.arange(A)] * N)  # [A^N, N]
+    bootstrapped = torch.cat([torch.zeros(B, 1, dtype=torch.bool), (mask == 1) & (terminated == 0)], 1)
+    expected = torch.zeros(B, T)
+    for b in range(B):
+        for t in range(T):
+            agents = torch.arange(N)
+
+            def q_tot(a):
+                return (k[b, t] * target_q[b, t, agents, a]).sum() + bias[b, t]
+
+            z = sum(log_mu[b, t, agents, a].sum().exp() * torch.exp(q_tot(a) / c) for a in joint)
+            if bootstrapped[b, t]:
+                expected[b, t] = torch.exp(q_tot(actions[b, t]) / c) / z
+    torch.testing.assert_close(rho, expected)
+    q_tot_all = (k * target_q.gather(-1, actions.unsqueeze(-1)).squeeze(-1)).sum(-1) + bias
+    torch.testing.assert_close(got_targets, td_lambda_targets(rewards, terminated, mask, expected * q_tot_all, 0.99, 0.75))
+    # a huge temperature is SARSA(lambda) here too: rho -> 1
+    sarsa = critic_targets(target_q, actions, k, bias, rewards, terminated, mask, 0.99, 0.75, 1e12, log_mu)[0]
+    torch.testing.assert_close(sarsa, td_lambda_targets(rewards, terminated, mask, q_tot_all, 0.99, 0.75))
+
+
+def test_behavior_actor_weight_and_alpha_inf():
+    logits, avail, actions, q, k, mask = actor_inputs()
+    log_mu = torch.log_softmax(torch.randn_like(q).masked_fill(~avail, -torch.inf), -1)
+    _, weight = actor_loss(logits, avail, actions, q, k, mask, 0.5, log_mu=log_mu)
+    m = mask.unsqueeze(-1).expand_as(k)
+    torch.testing.assert_close(weight, behavior_weights(k.unsqueeze(-1) * q, actions, log_mu, 0.5) * m)
+    loss, weight = actor_loss(logits, avail, actions, q * 100, k, mask, float("inf"), log_mu=log_mu)
+    assert torch.equal(weight, m)  # alpha = inf stays exact BC under either normaliser
+    log_pi = torch.log_softmax(logits.detach().masked_fill(~avail, -torch.inf), -1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(loss, -(log_pi * m).sum() / m.sum())
+
+
 def test_transition_mask_pymarl_layout():
     filled = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
     terminated = torch.tensor([[0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
@@ -259,7 +325,7 @@ def test_alpha_inf_is_exact_behaviour_cloning(weight_in_exponent):
     torch.testing.assert_close(loss, -(log_pi * m).sum() / m.sum())
 
 
-def train_matrix_game(alpha, iterations=300, episodes=200, seed=0):
+def train_matrix_game(alpha, iterations=300, episodes=200, seed=0, normalizer="batch"):
     """A one-step cooperative 2-agent, 3-action matrix game: joint action (0, 0) pays 1, (1, 1) pays 0.5, the rest 0.
     The offline data are 70 % (1, 1), 20 % (0, 0) and 10 % uniform joint actions. Trains the critic on the ICQ-MA
     target and the actor on the ICQ-MA loss over the whole data, and returns the greedy joint action."""
@@ -275,12 +341,16 @@ def train_matrix_game(alpha, iterations=300, episodes=200, seed=0):
     obs, state = torch.ones(episodes, 2, 2, 1), torch.ones(episodes, 2, 1)
     avail = torch.ones(episodes, 2, 2, 3, dtype=torch.bool)
     actor, critic, mixer = Actor(1, 3, 2, hidden=16), Critic(1, 1, 3, 2, hidden=32), Mixer(1, 2)
+    log_mu = None  # behavior: the data's own per-agent action frequencies are mu_i (one state)
+    if normalizer == "behavior":
+        log_mu = torch.log(F.one_hot(joint, 3).float().mean(0)).expand(episodes, 2, 2, 3)
     critic_opt = torch.optim.Adam(list(critic.parameters()) + list(mixer.parameters()), lr=3e-3)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=1e-2)
     for _ in range(iterations):
         with torch.no_grad():
             k_target, b_target = mixer(state)
-            targets, _ = critic_targets(critic(state, obs), actions, k_target, b_target, reward, terminated, mask, 0.99, 0.75, 1000.0)
+            targets, _ = critic_targets(critic(state, obs), actions, k_target, b_target, reward, terminated, mask, 0.99, 0.75,
+                                        1000.0, log_mu)
         k, b = mixer(state[:, :-1])
         q_tot = (k * critic(state[:, :-1], obs[:, :-1]).gather(-1, actions[:, :-1, :, None]).squeeze(-1)).sum(-1) + b
         critic_opt.zero_grad()
@@ -290,16 +360,18 @@ def train_matrix_game(alpha, iterations=300, episodes=200, seed=0):
         with torch.no_grad():
             q_values, (k, _) = critic(state[:, :-1], obs[:, :-1]), mixer(state[:, :-1])
         logits, _ = actor(obs[:, :-1], previous_actions_onehot(actions[:, :-1], 3))
-        loss, _ = actor_loss(logits, avail[:, :-1], actions[:, :-1], q_values, k, mask, alpha)
+        loss, _ = actor_loss(logits, avail[:, :-1], actions[:, :-1], q_values, k, mask, alpha,
+                             log_mu=None if log_mu is None else log_mu[:, :-1])
         actor_opt.zero_grad()
         loss.backward()
         actor_opt.step()
     return tuple(actor(obs[:1, :1], torch.zeros(1, 1, 2, 3))[0][0, 0].argmax(-1).tolist())
 
 
-def test_matrix_game_icq_finds_the_minority_best_joint_action_and_bc_the_majority():
-    assert train_matrix_game(0.1) == (0, 0)  # the best joint action in the data (20 % of it)
-    assert train_matrix_game(float("inf")) == (1, 1)  # exact BC: the data's majority
+@pytest.mark.parametrize("normalizer", ["batch", "behavior"])
+def test_matrix_game_icq_finds_the_minority_best_joint_action_and_bc_the_majority(normalizer):
+    assert train_matrix_game(0.1, normalizer=normalizer) == (0, 0)  # the best joint action in the data (20 % of it)
+    assert train_matrix_game(float("inf"), normalizer=normalizer) == (1, 1)  # exact BC: the data's majority
 
 
 def test_fused_gru_matches_step_by_step():
