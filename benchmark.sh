@@ -16,14 +16,19 @@
 #   --launcher local|slurm  local (default): --workers N runs at a time (default 2; speed: 1, so timings do not collide).
 #                           slurm: a job that makes each dataset once, then ONE `sbatch --array` job with one run per
 #                           task, then an aggregation job that depends on it; benchmark.sh waits for the aggregation
-#                           (--no-wait: return after submitting; --workers N caps the tasks running at once). --sbatch-args "..." go to
-#                           every sbatch call (e.g. "--partition cpu --time 04:00:00"); SBATCH_* variables work too.
+#                           (--no-wait: return after submitting; --workers N caps the tasks running at once).
+#                           --sbatch-args "..." go to every sbatch call (e.g. "--partition cpu --time 04:00:00");
+#                           SBATCH_* variables work too. Preemption: the array tasks are requeueable (--requeue) and
+#                           ask for SIGUSR1 5 minutes before their time limit (--signal B:USR1@300); a task passes a
+#                           SIGUSR1 or SIGTERM on to its run as SIGTERM, the run checkpoints (runs/<run>/checkpoint.pt),
+#                           a task at its time limit requeues itself, and a requeued task continues with --resume.
 #   --tiny                  a smoke-test grid: one dataset, ICQ and BC, one seed, a few steps; tables go to runs/tiny/
 #   --list                  print the runs' command lines and exit (the same as --dry-run)
 #   anything else           passed to every run, e.g. --no-cuda or --threads 1
 # BENCH_MACHINE_NOTE="..." adds a line about the machine (e.g. its load) to benchmarks/speed.md.
 # Every run logs to runs/logs/<run_name>.log as it goes and writes runs/<run_name>/summary.json; the aggregation
-# (benchmarks/aggregate.py) reads only the runs of the grid it was given, so a missing run shows as missing.
+# (benchmarks/aggregate.py) reads only the runs of the grid it was given, so a missing run shows as missing. The results
+# files name the commit the grid was launched from (runs/lists/<grid>.commit).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -51,6 +56,8 @@ SPEED_DISC_STEPS=1000   # LunarLander-v3 (obs 8, 4 actions), batch 256, both nor
 SPEED_MA_ITERATIONS=20  # SMAX 3s_vs_5z, 32 episodes per batch, both critic-update modes
 # --- The paper's grid: every script's own defaults / presets are the full budgets ----------------------------------
 PAPER_SEEDS="1 2 3 4 5"
+# --- SLURM: seconds before a task's time limit at which it checkpoints and requeues itself (sbatch --signal) --------
+SLURM_WARNING_SECONDS=300
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
@@ -175,20 +182,69 @@ paper_runs() {
     done
     # SMAC (StarCraft II 4.10) with PyMARL episode files recorded on the same build: datasets/smac/<map>.h5.
     for map in 3s_vs_5z 2s3z 3s5z 5m_vs_6m 6h_vs_8z 2c_vs_64zg MMM2 corridor; do
-      run "paper__ma__${map}__icq__$seed" icq_ma_smac.py --env-backend smac --map "$map" --dataset "datasets/smac/$map.h5" --seed "$seed"
+      run "paper__ma__${map}__icq__$seed" icq_ma_smac.py --env-backend smac --map "$map" --dataset-path "datasets/smac/$map.h5" --seed "$seed"
     done
   done
 }
 
 # --- Launchers ------------------------------------------------------------------------------------------------------
+describe_commit() {  # the commit the runs are launched from (the results files name it)
+  local head
+  head=$(git rev-parse --short HEAD 2>/dev/null) || { echo "unknown (not a git checkout)"; return; }
+  if [ -n "$(git status --porcelain -- 'icq_*.py' benchmark.sh benchmarks 2>/dev/null)" ]; then
+    echo "$head, with uncommitted changes to the scripts"
+  else
+    echo "$head"
+  fi
+}
+
+forward() {  # forward NAME SIGNAL: a trap of task(); notes the signal and passes SIGNAL on to the run, once it runs
+  got=$1
+  if [ -n "$pid" ]; then kill -"$2" "$pid" 2>/dev/null || true; fi
+}
+
 task() {  # task LIST INDEX: run line INDEX of LIST, logging to runs/logs/<run_name>.log
-  local line name start rc=0
+  local line name start rc=0 pid="" checkpoint log signal="" got="" status
+  # The run is this shell's child, so a signal for the task reaches it: SIGTERM (preemption, scontrol requeue, scancel)
+  # and SIGUSR1 (sbatch --signal before the time limit) go on to the run as SIGTERM, SIGINT as SIGINT; the run finishes
+  # the current update, writes its checkpoint and summary, and exits 128 + the signal's number.
+  trap 'forward TERM TERM' TERM
+  trap 'forward USR1 TERM' USR1
+  trap 'forward INT INT' INT
   line=$(sed -n "${2}p" "$1")
   name=$(grep -o -- '--run-name [^ ]*' <<<"$line" | cut -d' ' -f2) || name=$(basename "$1" .txt)_$2
+  checkpoint=runs/$name/checkpoint.pt log=runs/logs/$name.log
   mkdir -p runs/logs
+  # A checkpoint written after LIST is this launch's run, interrupted (a requeued or restarted task): continue it. An
+  # older one is a previous launch's, which the new run replaces.
+  if [ -f "$checkpoint" ] && [ "$checkpoint" -nt "$1" ]; then
+    line+=" --resume $checkpoint"
+    echo "resuming $name from $checkpoint (SLURM restart count ${SLURM_RESTART_COUNT:-0})" >>"$log"
+  else
+    : >"$log"
+  fi
   start=$(date +%s)
-  PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} bash -c "$line" >"runs/logs/$name.log" 2>&1 || rc=$?
-  echo "$([ $rc = 0 ] && echo done || echo "FAILED (exit $rc)") $name in $(($(date +%s) - start))s, log runs/logs/$name.log"
+  PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} bash -c "exec $line" >>"$log" 2>&1 &
+  pid=$!
+  if [ -n "$got" ]; then signal=$got; kill -TERM "$pid"; fi  # a signal that came before the run started
+  while :; do  # a trapped signal ends `wait` early: wait again for the run's own exit status
+    got="" status=0
+    wait "$pid" || status=$?
+    [ "$status" = 127 ] || rc=$status
+    [ -n "$got" ] || break
+    signal=$got
+  done
+  trap - TERM USR1 INT
+  if [ "$signal" = USR1 ] && [ -f "$checkpoint" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+    # The time-limit warning: SLURM requeues only preempted or failed tasks, so this one requeues itself.
+    local job=$SLURM_JOB_ID  # an array task by its array name (the last task's SLURM_JOB_ID names the whole array)
+    [ -n "${SLURM_ARRAY_JOB_ID:-}" ] && job=${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID
+    echo "requeueing $name at its time limit (checkpoint $checkpoint)" >>"$log"
+    scontrol requeue "$job" || echo "warning: scontrol requeue $job failed" >&2
+  fi
+  local outcome=done
+  if [ "$rc" != 0 ]; then outcome="FAILED (exit $rc)"; [ -n "$signal" ] && outcome="interrupted (SIG$signal, exit $rc)"; fi
+  echo "$outcome $name in $(($(date +%s) - start))s, log $log"
   return $rc
 }
 
@@ -211,15 +267,18 @@ launch() {  # launch SUBCOMMAND PREPARE_LIST RUN_LIST
   local limit="" prep main tiny=""; [ -n "$WORKERS" ] && limit="%$WORKERS"; [ "$TINY" = 1 ] && tiny=--tiny
   mkdir -p runs/slurm
   local common=(--parsable --chdir "$PWD" --output "runs/slurm/%x_%A_%a.out") after=() rc=0 agg
+  # Requeueable, and warned before the time limit (a user's own --signal in --sbatch-args comes later and wins); the
+  # task's shell is the batch shell (exec), so the warning (B:) reaches it; a requeued task appends to its output.
+  local preemptible=(--requeue --signal "B:USR1@$SLURM_WARNING_SECONDS" --open-mode append)
   # shellcheck disable=SC2086
   if [ "$n_prep" -gt 0 ]; then  # one job makes each dataset once, one after the other
-    prep=$(sbatch "${common[@]}" $SBATCH_ARGS --job-name "icq-$1-prepare" --output "runs/slurm/%x_%j.out" \
+    prep=$(sbatch "${common[@]}" --requeue $SBATCH_ARGS --job-name "icq-$1-prepare" --output "runs/slurm/%x_%j.out" \
       --wrap "for i in \$(seq 1 $n_prep); do bash benchmark.sh _task $2 \$i; done")
     after=(--dependency "afterany:${prep%%;*}")
   fi
   # shellcheck disable=SC2086
-  main=$(sbatch "${common[@]}" $SBATCH_ARGS --job-name "icq-$1" "${after[@]}" --array "1-$n_runs$limit" \
-    --wrap "bash benchmark.sh _task $3 \$SLURM_ARRAY_TASK_ID")
+  main=$(sbatch "${common[@]}" "${preemptible[@]}" $SBATCH_ARGS --job-name "icq-$1" "${after[@]}" \
+    --array "1-$n_runs$limit" --wrap "exec bash benchmark.sh _task $3 \$SLURM_ARRAY_TASK_ID")
   echo "submitted array job ${main%%;*} (one task per run); logs in runs/logs/, the aggregation job runs after it"
   # shellcheck disable=SC2086
   agg=$(sbatch "${common[@]}" $SBATCH_ARGS $WAIT --job-name "icq-$1-aggregate" --output "runs/slurm/%x_%j.out" \
@@ -270,4 +329,5 @@ suffix=""; [ "$TINY" = 1 ] && suffix=_tiny
 prep_list=runs/lists/$cmd${suffix}_prepare.txt run_list=runs/lists/$cmd$suffix.txt
 "prepare_$cmd" >"$prep_list"
 "${cmd}_runs" >"$run_list"
+describe_commit >"${run_list%.txt}.commit"
 launch "$cmd" "$prep_list" "$run_list"
