@@ -253,6 +253,8 @@ def restore_args(args):
     kept = SCHEDULE_FLAGS + ("run_name", "cuda")
     given = given_flags(args)
     for name in sorted(given - set(kept)):
+        if name == "preset" and args.preset == "auto":
+            continue  # the checkpoint holds the preset that auto resolved to
         if name in saved and getattr(args, name) != saved[name]:
             fail(
                 f"--resume {args.resume}: {flag(name)} {getattr(args, name)} given, the checkpoint was trained with "

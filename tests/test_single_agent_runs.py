@@ -147,7 +147,9 @@ def test_resume_keeps_the_settings_and_refuses_a_changed_algorithm_flag(tmp_path
     module = SCRIPTS[script]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [script])
-    saved = module.Args(alpha=1.0, critic_alpha=50.0, save_model=True, eval_interval=7, log_interval=3, run_name="r")
+    saved = module.resolve_args(
+        module.Args(alpha=1.0, critic_alpha=50.0, save_model=True, eval_interval=7, log_interval=3, run_name="r")
+    )
     (tmp_path / "runs/r").mkdir(parents=True)
     torch.save({"args": vars(saved)}, tmp_path / "runs/r/checkpoint.pt")
 
@@ -172,6 +174,12 @@ def test_resume_keeps_the_settings_and_refuses_a_changed_algorithm_flag(tmp_path
     assert "only --total-steps, --eval-interval, --log-interval, --eval-episodes, --threads and --track" in str(
         exc.value
     )
+    if script == "icq_continuous.py":  # the checkpoint holds the preset that auto resolved to
+        assert resolve("--resume", "runs/r/checkpoint.pt", "--preset", "auto").preset == "lunarlander"
+        with pytest.raises(
+            SystemExit, match="--preset locomotion given, the checkpoint was trained with --preset lunar"
+        ):
+            resolve("--resume", "runs/r/checkpoint.pt", "--preset", "locomotion")
     with pytest.raises(SystemExit, match="--no-save-model|--save-model False given"):
         resolve("--resume", "runs/r/checkpoint.pt", "--no-save-model")  # the default value, but given
 
