@@ -77,7 +77,8 @@ def commit_line(list_path):
     path = os.path.splitext(list_path)[0] + ".commit"
     if os.path.exists(path):
         with open(path) as f:
-            return f"Commit: {f.read().strip()} (the checkout the runs were launched from)."
+            commit = f.read().strip()
+        return f"Commit: {commit}." if commit.startswith("unknown") else f"Commit: {commit} (the launch's checkout)."
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):

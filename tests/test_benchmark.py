@@ -353,7 +353,7 @@ def test_learn_runs_as_a_slurm_array_and_aggregates(slurm_cluster, tmp_path):
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{logs}"
     assert "submitted array job" in proc.stdout
     table = (work / "runs/tiny/learn.md").read_text()
-    assert f"Commit: {head} (the checkout the runs were launched from)." in table
+    assert f"Commit: {head} (the launch's checkout)." in table
     rows = [
         line
         for line in table.splitlines()
