@@ -13,7 +13,8 @@
 #   bash benchmark.sh paper --dry-run                print the seed paper's grid (D4RL, AntMaze, Adroit, SMAC; 5 seeds,
 #                                                    full budgets); without --dry-run it runs it (data must be present)
 # Options:
-#   --launcher local|slurm  local (default): --workers N runs at a time (default 2; speed: 1, so timings do not collide).
+#   --launcher local|slurm  local (default): --workers N runs at a time (default 2; speed: 1, so timings do not
+#                           collide).
 #                           slurm: a job that makes each dataset once, then ONE `sbatch --array` job with one run per
 #                           task, then an aggregation job that depends on it; benchmark.sh waits for the aggregation
 #                           (--no-wait: return after submitting; --workers N caps the tasks running at once).
@@ -63,38 +64,55 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
 # --- Run lists: each function prints one shell command per run; `prepare_*` makes each dataset once, before the grid
 # (so parallel runs never generate the same file at the same time). ----------------------------------------------------
+ONE_STEP=(--total-steps 1 --eval-interval 1 --eval-episodes 1 --log-interval 1)  # a preparation run: makes the data
+
 run() {  # run NAME SCRIPT ARGS...: one line of the list, extra args appended
   local name=$1 script=$2; shift 2
   printf 'python -u %s' "$script"; printf ' %q' "$@" "${EXTRA[@]}" --run-name "$name"; printf '\n'
 }
 
 learn_datasets() {  # script|dataset name|arguments that select it
-  if [ "$TINY" = 1 ]; then echo "discrete|LunarLander-v3-mixed|--quality mixed --dataset-size $TINY_DATASET_SIZE"; return; fi
-  for q in mixed medium; do echo "continuous|LunarLanderContinuous-v3-$q|--env-id LunarLanderContinuous-v3 --quality $q"; done
+  if [ "$TINY" = 1 ]; then
+    echo "discrete|LunarLander-v3-mixed|--quality mixed --dataset-size $TINY_DATASET_SIZE"
+    return
+  fi
+  for q in mixed medium; do
+    echo "continuous|LunarLanderContinuous-v3-$q|--env-id LunarLanderContinuous-v3 --quality $q"
+  done
   for q in mixed medium; do echo "discrete|LunarLander-v3-$q|--quality $q"; done
   for map in 3m 2s3z; do for q in good mixed; do echo "ma|$map-$q|--map $map --quality $q"; done; done
 }
 
 budget() {  # budget SCRIPT DATASET: the step / evaluation arguments of the learn grid
-  if [ "$TINY" = 1 ]; then echo "--total-steps $TINY_STEPS --eval-interval $((TINY_STEPS / 2)) --eval-episodes 1 --log-interval 10"; return; fi
+  if [ "$TINY" = 1 ]; then
+    echo "--total-steps $TINY_STEPS --eval-interval $((TINY_STEPS / 2)) --eval-episodes 1 --log-interval 10"
+    return
+  fi
+  local steps interval episodes extra=""
   case $1 in
-    continuous) echo "--total-steps $CONT_STEPS --eval-interval $CONT_EVAL_INTERVAL --eval-episodes $CONT_EVAL_EPISODES" ;;
-    discrete) echo "--total-steps $DISC_STEPS --eval-interval $DISC_EVAL_INTERVAL --eval-episodes $DISC_EVAL_EPISODES" ;;
-    ma) case $2 in
-          3s_vs_5z*) echo "--total-steps $MA_3S5Z_ITERATIONS --eval-interval $MA_3S5Z_EVAL_INTERVAL --eval-episodes $MA_EVAL_EPISODES --threads 1" ;;
-          2s3z*) echo "--total-steps $MA_2S3Z_ITERATIONS --eval-interval $MA_2S3Z_EVAL_INTERVAL --eval-episodes $MA_EVAL_EPISODES --threads 1" ;;
-          *) echo "--total-steps $MA_3M_ITERATIONS --eval-interval $MA_3M_EVAL_INTERVAL --eval-episodes $MA_EVAL_EPISODES --threads 1" ;;
-        esac ;;
+    continuous) steps=$CONT_STEPS interval=$CONT_EVAL_INTERVAL episodes=$CONT_EVAL_EPISODES ;;
+    discrete) steps=$DISC_STEPS interval=$DISC_EVAL_INTERVAL episodes=$DISC_EVAL_EPISODES ;;
+    ma)
+      episodes=$MA_EVAL_EPISODES extra=" --threads 1"
+      case $2 in
+        3s_vs_5z*) steps=$MA_3S5Z_ITERATIONS interval=$MA_3S5Z_EVAL_INTERVAL ;;
+        2s3z*) steps=$MA_2S3Z_ITERATIONS interval=$MA_2S3Z_EVAL_INTERVAL ;;
+        *) steps=$MA_3M_ITERATIONS interval=$MA_3M_EVAL_INTERVAL ;;
+      esac ;;
   esac
+  echo "--total-steps $steps --eval-interval $interval --eval-episodes $episodes$extra"
 }
 
-script_of() { case $1 in continuous) echo icq_continuous.py ;; discrete) echo icq_discrete.py ;; ma) echo icq_ma_smac.py ;; esac; }
+script_of() {
+  case $1 in continuous) echo icq_continuous.py ;; discrete) echo icq_discrete.py ;; ma) echo icq_ma_smac.py ;; esac
+}
 
 headline_datasets() { for q in medium mixed; do echo "ma|3s_vs_5z-$q|--map 3s_vs_5z --quality $q"; done; }
 
 sweep_datasets() {  # script|dataset|selection|alphas: one mixed dataset per script
   echo "continuous|LunarLanderContinuous-v3-mixed|--env-id LunarLanderContinuous-v3 --quality mixed|$CONT_SWEEP_ALPHAS"
-  echo "continuous|LunarLanderContinuous-v3-mixed-td|--env-id LunarLanderContinuous-v3 --quality mixed --actor-signal td|$CONT_TD_SWEEP_ALPHAS"
+  echo "continuous|LunarLanderContinuous-v3-mixed-td|--env-id LunarLanderContinuous-v3 --quality mixed" \
+    "--actor-signal td|$CONT_TD_SWEEP_ALPHAS"
   echo "discrete|LunarLander-v3-mixed|--quality mixed|$DISC_SWEEP_ALPHAS"
   echo "ma|3m-mixed|--map 3m --quality mixed|$MA_SWEEP_ALPHAS"
 }
@@ -102,7 +120,7 @@ sweep_datasets() {  # script|dataset|selection|alphas: one mixed dataset per scr
 prepare() {  # prepare learn|sweep|headline: one 1-step run per dataset generates and caches the built-in data
   "${1}_datasets" | while IFS='|' read -r script dataset select _; do
     # shellcheck disable=SC2086
-    run "prepare__${script}__${dataset}" "$(script_of "$script")" $select --total-steps 1 --eval-interval 1 --eval-episodes 1 --log-interval 1
+    run "prepare__${script}__${dataset}" "$(script_of "$script")" $select "${ONE_STEP[@]}"
   done
 }
 
@@ -114,7 +132,8 @@ learn_runs() {  # learn_runs [learn|headline]: every dataset of the grid, ICQ an
       # BC's actor never reads the critic (every weight is 1), so ICQ-MA's BC runs take the cheap batched critic updates
       [ "$method" = bc ] && [ "$script" = ma ] && alpha+=(--critic-updates batched)
       # shellcheck disable=SC2086
-      run "${1:-learn}__${script}__${dataset}__${method}__${seed}" "$(script_of "$script")" $select $(budget "$script" "$dataset") "${alpha[@]}" --seed "$seed"
+      run "${1:-learn}__${script}__${dataset}__${method}__${seed}" "$(script_of "$script")" $select \
+        $(budget "$script" "$dataset") "${alpha[@]}" --seed "$seed"
     done; done
   done
 }
@@ -123,7 +142,8 @@ sweep_runs() {
   sweep_datasets | while IFS='|' read -r script dataset select alphas; do
     for alpha in $alphas; do for seed in $SWEEP_SEEDS; do
       # shellcheck disable=SC2086
-      run "sweep__${script}__${dataset}__alpha${alpha}__${seed}" "$(script_of "$script")" $select $(budget "$script" "$dataset") --alpha "$alpha" --seed "$seed"
+      run "sweep__${script}__${dataset}__alpha${alpha}__${seed}" "$(script_of "$script")" $select \
+        $(budget "$script" "$dataset") --alpha "$alpha" --seed "$seed"
     done; done
   done
 }
@@ -137,8 +157,8 @@ prepare_paper() { :; }  # the paper's data is downloaded or recorded beforehand
 prepare_speed() {
   echo "python -u benchmarks/aggregate.py make-hopper-data datasets/synthetic-hopper-1k.hdf5 1000"
   echo "python -u benchmarks/aggregate.py make-hopper-data datasets/synthetic-hopper-1M.hdf5 1000000"
-  run prepare__discrete__LunarLander-v3-medium icq_discrete.py --quality medium --total-steps 1 --eval-interval 1 --eval-episodes 1 --log-interval 1
-  run prepare__ma__3s_vs_5z-medium icq_ma_smac.py --map 3s_vs_5z --quality medium --total-steps 1 --eval-interval 1 --eval-episodes 1 --log-interval 1 --threads 1
+  run prepare__discrete__LunarLander-v3-medium icq_discrete.py --quality medium "${ONE_STEP[@]}"
+  run prepare__ma__3s_vs_5z-medium icq_ma_smac.py --map 3s_vs_5z --quality medium "${ONE_STEP[@]}" --threads 1
 }
 
 speed_runs() {  # speed__<script>__<config>__<icq|floor>__<repeat>; the floor runs benchmarks/aggregate.py floor
@@ -146,21 +166,24 @@ speed_runs() {  # speed__<script>__<config>__<icq|floor>__<repeat>; the floor ru
   for r in $(seq 1 "$SPEED_REPEATS"); do
     for data in 1k 1M; do
       local hopper=(--dataset-path "datasets/synthetic-hopper-$data.hdf5" --env-id Hopper-v5 --batch-size 256)
-      run "speed__continuous__hopper-${data}__icq__$r" icq_continuous.py "${hopper[@]}" --total-steps "$SPEED_CONT_STEPS" \
-        --eval-interval "$SPEED_CONT_STEPS" --eval-episodes 1 --log-interval 1000
-      run "speed__continuous__hopper-${data}__floor__$r" benchmarks/aggregate.py floor continuous "${hopper[@]}" --total-steps "$SPEED_CONT_STEPS"
+      run "speed__continuous__hopper-${data}__icq__$r" icq_continuous.py "${hopper[@]}" \
+        --total-steps "$SPEED_CONT_STEPS" --eval-interval "$SPEED_CONT_STEPS" --eval-episodes 1 --log-interval 1000
+      run "speed__continuous__hopper-${data}__floor__$r" benchmarks/aggregate.py floor continuous "${hopper[@]}" \
+        --total-steps "$SPEED_CONT_STEPS"
     done
     for normalizer in batch behavior; do
       local lunar=(--quality medium --normalizer "$normalizer" --batch-size 256)
-      run "speed__discrete__lunarlander-${normalizer}__icq__$r" icq_discrete.py "${lunar[@]}" --total-steps "$SPEED_DISC_STEPS" \
-        --eval-interval "$SPEED_DISC_STEPS" --eval-episodes 1 --log-interval 1000
-      run "speed__discrete__lunarlander-${normalizer}__floor__$r" benchmarks/aggregate.py floor discrete "${lunar[@]}" --total-steps "$SPEED_DISC_STEPS"
+      run "speed__discrete__lunarlander-${normalizer}__icq__$r" icq_discrete.py "${lunar[@]}" \
+        --total-steps "$SPEED_DISC_STEPS" --eval-interval "$SPEED_DISC_STEPS" --eval-episodes 1 --log-interval 1000
+      run "speed__discrete__lunarlander-${normalizer}__floor__$r" benchmarks/aggregate.py floor discrete "${lunar[@]}" \
+        --total-steps "$SPEED_DISC_STEPS"
     done
     for mode in sequential batched; do
       local smax=(--map 3s_vs_5z --quality medium --critic-updates "$mode" --batch-size 32 --threads 1)
       run "speed__ma__3s_vs_5z-${mode}__icq__$r" icq_ma_smac.py "${smax[@]}" --total-steps "$SPEED_MA_ITERATIONS" \
         --eval-interval "$SPEED_MA_ITERATIONS" --eval-episodes 1 --log-interval 10
-      run "speed__ma__3s_vs_5z-${mode}__floor__$r" benchmarks/aggregate.py floor ma "${smax[@]}" --total-steps "$SPEED_MA_ITERATIONS"
+      run "speed__ma__3s_vs_5z-${mode}__floor__$r" benchmarks/aggregate.py floor ma "${smax[@]}" \
+        --total-steps "$SPEED_MA_ITERATIONS"
     done
   done
 }
@@ -171,18 +194,21 @@ paper_runs() {
   local seed task data id map
   for seed in $PAPER_SEEDS; do
     for task in hopper halfcheetah walker2d; do for data in medium medium-replay medium-expert; do
-      local env; case $task in hopper) env=Hopper-v5 ;; halfcheetah) env=HalfCheetah-v5 ;; walker2d) env=Walker2d-v5 ;; esac
-      run "paper__continuous__$task-$data-v2__icq__$seed" icq_continuous.py --dataset-path "datasets/d4rl/$task-$data-v2.hdf5" --env-id "$env" --seed "$seed"
+      local env
+      case $task in hopper) env=Hopper-v5 ;; halfcheetah) env=HalfCheetah-v5 ;; walker2d) env=Walker2d-v5 ;; esac
+      run "paper__continuous__$task-$data-v2__icq__$seed" icq_continuous.py \
+        --dataset-path "datasets/d4rl/$task-$data-v2.hdf5" --env-id "$env" --seed "$seed"
     done; done
     # AntMaze (six datasets) and Adroit (four tasks x human/cloned) through Minari's D4RL re-creations.
     for id in antmaze/umaze-v1 antmaze/umaze-diverse-v1 antmaze/medium-play-v1 antmaze/medium-diverse-v1 \
-              antmaze/large-play-v1 antmaze/large-diverse-v1 pen/human-v2 pen/cloned-v2 hammer/human-v2 hammer/cloned-v2 \
-              door/human-v2 door/cloned-v2 relocate/human-v2 relocate/cloned-v2; do
+              antmaze/large-play-v1 antmaze/large-diverse-v1 pen/human-v2 pen/cloned-v2 hammer/human-v2 \
+              hammer/cloned-v2 door/human-v2 door/cloned-v2 relocate/human-v2 relocate/cloned-v2; do
       run "paper__continuous__${id//\//-}__icq__$seed" icq_continuous.py --dataset-id "D4RL/$id" --seed "$seed"
     done
     # SMAC (StarCraft II 4.10) with PyMARL episode files recorded on the same build: datasets/smac/<map>.h5.
     for map in 3s_vs_5z 2s3z 3s5z 5m_vs_6m 6h_vs_8z 2c_vs_64zg MMM2 corridor; do
-      run "paper__ma__${map}__icq__$seed" icq_ma_smac.py --env-backend smac --map "$map" --dataset-path "datasets/smac/$map.h5" --seed "$seed"
+      run "paper__ma__${map}__icq__$seed" icq_ma_smac.py --env-backend smac --map "$map" \
+        --dataset-path "datasets/smac/$map.h5" --seed "$seed"
     done
   done
 }
@@ -243,7 +269,10 @@ task() {  # task LIST INDEX: run line INDEX of LIST, logging to runs/logs/<run_n
     scontrol requeue "$job" || echo "warning: scontrol requeue $job failed" >&2
   fi
   local outcome=done
-  if [ "$rc" != 0 ]; then outcome="FAILED (exit $rc)"; [ -n "$signal" ] && outcome="interrupted (SIG$signal, exit $rc)"; fi
+  if [ "$rc" != 0 ]; then
+    outcome="FAILED (exit $rc)"
+    if [ -n "$signal" ]; then outcome="interrupted (SIG$signal, exit $rc)"; fi
+  fi
   echo "$outcome $name in $(($(date +%s) - start))s, log $log"
   return $rc
 }
@@ -309,7 +338,10 @@ while [ $# -gt 0 ]; do
     *) EXTRA+=("$1"); shift ;;
   esac
 done
-case $LAUNCHER in local | slurm) ;; *) echo "error: --launcher must be local or slurm (got $LAUNCHER)" >&2; exit 2 ;; esac
+case $LAUNCHER in
+  local | slurm) ;;
+  *) echo "error: --launcher must be local or slurm (got $LAUNCHER)" >&2; exit 2 ;;
+esac
 if [ "$cmd" = _aggregate ]; then aggregate "${EXTRA[@]:0:2}"; exit; fi
 [ "$LAUNCHER" = local ] && [ -z "$WORKERS" ] && { WORKERS=2; [ "$cmd" = speed ] && WORKERS=1; }
 [ "$cmd" = learn ] && [ "$SWEEP" = 1 ] && cmd=sweep
