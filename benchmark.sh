@@ -217,7 +217,7 @@ paper_runs() {
 describe_commit() {  # the commit the runs are launched from (the results files name it)
   local head
   head=$(git rev-parse --short HEAD 2>/dev/null) || { echo "unknown (not a git checkout)"; return; }
-  if [ -n "$(git status --porcelain -- 'icq_*.py' benchmark.sh benchmarks 2>/dev/null)" ]; then
+  if [ -n "$(git status --porcelain -- 'icq_*.py' benchmark.sh 'benchmarks/*.py' 2>/dev/null)" ]; then
     echo "$head, with uncommitted changes to the scripts"
   else
     echo "$head"
