@@ -1,23 +1,26 @@
-# ICQ (Yang et al., NeurIPS 2021, arXiv 2106.03400), Algorithm 2 (ICQ-MA), SMAC / SMAX -- docs: README.md#icq_ma_smacpy
-"""Offline multi-agent Implicit Constraint Q-learning on StarCraft micromanagement.
+"""Offline multi-agent RL with Implicit Constraint Q-learning (ICQ-MA) on StarCraft micromanagement (SMAC or SMAX).
 
-The critic evaluates pi* = mu * exp(Q_tot / alpha) / Z with TD(lambda) over rho * Q'_tot at dataset actions only
-(eq. 19-20); each agent extracts its policy by weighted behaviour cloning with weight exp(A_i / alpha) / Z times its
-mixer weight k_i(s) (the factorised KL(pi* || pi_theta), Sec. 4.3). Z is the softmax over the episodes of a batch.
-Backends: real SMAC/SMACv2 (StarCraft II) or JaxMARL's SMAX (pure JAX, no StarCraft II); SMAX datasets are recorded
-from scripted controllers (the fenced data-generation section before the training loop). SMAX rewards are scaled x 10
-on load so that returns, and so the temperatures, are on SMAC's scale (a won episode returns ~20).
+Implements Algorithm 2 of ICQ (Yang et al., "Believe What You See: Implicit Constraint Approach for Offline Multi-Agent
+Reinforcement Learning", NeurIPS 2021, arXiv 2106.03400). The critic evaluates pi* = mu * exp(Q_tot / alpha) / Z by
+TD(lambda) over rho * Q'_tot at dataset actions only (eq. 19-20); each agent extracts its policy by weighted behaviour
+cloning (the factorised KL(pi* || pi_theta), Sec. 4.3). Z is the softmax over a batch's episodes (the authors' code,
+`--normalizer batch`) or the paper's exact per-history Z^i(tau^i) from a learned behaviour policy (`behavior`).
+Backends: StarCraft II through smac/smacv2, or JaxMARL's SMAX without it (datasets recorded from scripted controllers,
+fenced at the end of this file). Usage, logged metrics, details and results: docs/icq_ma_smac.md.
 """
+
 import copy
+import dataclasses
 import importlib
 import json
 import os
 import random
 import resource
+import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 import torch
@@ -25,6 +28,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
+
+
+def resolved_default(text):
+    """--help shows this default for a field whose None is resolved at run time."""
+    return tyro.conf.arg(help_behavior_hint=f"(default: {text})")
 
 
 @dataclass
@@ -43,58 +51,59 @@ class Args:
     """the wandb project name"""
     wandb_entity: Optional[str] = None
     """the entity (team) of the wandb project"""
-    run_name: Optional[str] = None
-    """name of runs/{run_name}/ (default: {map}__{exp_name}__{seed}__{time}; with --resume, the checkpoint's run)"""
+    run_name: Annotated[Optional[str], resolved_default("{map}-{data}__{exp_name}__{alpha or bc}__{seed}__{time}")] = (
+        None
+    )
+    """name of runs/{run_name}/ (with --resume: the checkpoint's run)"""
     save_model: bool = False
     """write runs/{run_name}/checkpoint.pt at every evaluation and at the end"""
     resume: Optional[str] = None
-    """path of a checkpoint.pt to continue training from"""
+    """a checkpoint.pt to continue: its run's settings are restored (only schedule flags may change)"""
+    threads: int = 1
+    """torch CPU threads (the many small per-timestep critic steps run fastest on one)"""
 
     # Algorithm specific arguments
     map: str = "3s_vs_5z"
-    """SMAC map / SMACv2 scenario (smacv2: e.g. protoss_5_vs_5) / SMAX scenario"""
+    """SMAC map, SMACv2 scenario (e.g. protoss_5_vs_5) or SMAX scenario"""
     env_backend: Literal["auto", "smac", "smacv2", "smax"] = "auto"
-    """auto: smac when the smac package imports and StarCraft II is found, else smax (JaxMARL, no StarCraft II)"""
-    dataset: Optional[str] = None
-    """an HDF5 file in the PyMARL episode layout (default with smax: datasets/smax_{map}_{quality}_v2.h5, made if missing)"""
+    """auto: smac when the smac package and StarCraft II are found, else smax (JaxMARL, no StarCraft II)"""
+    dataset_path: Annotated[Optional[str], resolved_default("smax: a generated file under datasets/")] = None
+    """an HDF5 file in the PyMARL episode layout; without it, smax records a dataset on first use"""
     quality: Literal["good", "medium", "poor", "mixed"] = "medium"
-    """generated SMAX dataset: good = the kite + focus-fire controller, medium/poor = it with 10 %/30 % random actions,
-    mixed = a strategy mixture in which that controller plays only 20 % of the episodes (see MIXTURE)"""
+    """generated SMAX data: good = the kite + focus-fire controller, medium / poor = it with 10 % / 30 % random
+    actions, mixed = a strategy mixture in which it plays 20 % of the episodes"""
     dataset_episodes: int = 1000
     """episodes in a generated SMAX dataset"""
     total_steps: int = 40_000
     """training iterations (each: the critic updates on one batch of episodes, then one actor update)"""
     batch_size: int = 32
-    """episodes per iteration; the ICQ softmaxes normalise over them"""
+    """episodes per iteration; the batch softmax normalises over them"""
     alpha: float = 0.1
-    """actor temperature of exp(x / alpha) / Z (x: A_i with --normalizer batch, k_i Q_i with behavior);
+    """actor temperature of exp(x / alpha) / Z (x = A_i with --normalizer batch, k_i Q_i with behavior);
     inf = exact behaviour cloning"""
     normalizer: Literal["batch", "behavior"] = "batch"
-    """Z of the actor weight and the critic's rho: batch = softmax over the batch's episodes (the authors'); behavior =
-    the exact per-state Z^i(tau^i) = sum_b mu_i(b|tau^i) exp(k_i Q_i(tau^i, b) / alpha) of a learned BC policy mu_i"""
+    """Z of the actor weight and of the critic's rho: batch = softmax over the batch's episodes (the authors');
+    behavior = the exact per-history sum_b mu_i(b|tau_i) exp(k_i Q_i(tau_i, b) / alpha) of a learned BC policy mu_i"""
     critic_alpha: float = 1000.0
-    """critic temperature of rho = icq_weights(Q'_tot / critic_alpha)"""
+    """critic temperature of rho = exp(Q'_tot / critic_alpha) / Z"""
     td_lambda: float = 0.75
     """lambda of the TD(lambda) critic target"""
     gamma: float = 0.99
     """the discount factor"""
-    reward_scale: Optional[float] = None
-    """multiplies the dataset rewards on load (default: 10 with smax, 1 with smac/smacv2). SMAC scales a won episode's
-    return to ~20 (reward_scale_rate), which the temperatures 0.1 / 1000 were tuned for; a SMAX episode returns <= ~2"""
+    reward_scale: Annotated[Optional[float], resolved_default("10 with smax, 1 with smac / smacv2")] = None
+    """multiplies the dataset rewards on load, so that returns (and the temperatures) are on SMAC's scale"""
     critic_updates: Literal["sequential", "batched"] = "sequential"
-    """sequential: one critic optimiser step per timestep, as the authors; batched: one masked step over all timesteps"""
+    """sequential: one critic optimiser step per timestep, as the authors; batched: one masked step over all of them"""
     target_update_interval: int = 600
     """critic optimiser steps between hard copies of the target critic and mixer"""
     mixer_bias: bool = False
     """add the state bias b(s) to Q_tot (the paper's mixer; the authors' code has none)"""
     mixer_weight_in_exponent: bool = False
-    """--normalizer batch: actor weight icq_weights(k_i * A_i) instead of the authors' k_i * icq_weights(A_i)
-    (behavior always has k_i in the exponent, as the paper's w_i Q_i)"""
+    """--normalizer batch: the weight n softmax(k_i A_i / alpha) instead of the authors' k_i n softmax(A_i / alpha)"""
     actor_lr: float = 1e-3
-    """actor learning rate (RMSprop; the authors': 5e-4, too slow for the GRU to fit 3s_vs_5z in thousands of iterations)"""
+    """actor (and behaviour model) learning rate, RMSprop (the authors': 5e-4)"""
     actor_hidden: int = 128
-    """width of the agent's GRU (the authors': 64). At 64 / lr 5e-4, BC of the 100 %-win SMAX 3s_vs_5z controller is
-    under-fitted: 0/32 wins after 1,000 iterations, 5/32 after 6,000; at 128 / 1e-3, 21/32 and 26/32 (2 seeds) after 3,000"""
+    """width of the agent's GRU (the authors': 64)"""
     critic_lr: float = 1e-4
     """critic and mixer learning rate (RMSprop)"""
     grad_clip: float = 20.0
@@ -107,36 +116,101 @@ class Args:
     """episodes per evaluation"""
     log_interval: int = 20
     """training iterations between progress lines and TensorBoard scalars"""
-    threads: int = 1
-    """torch CPU threads: the many small per-timestep updates run fastest on one (more threads thrash on a busy CPU)"""
 
 
 # SMAC's episode limits (smac_maps.py), used as SMAX max_steps so episodes are as long as in SMAC.
 SMAX_EPISODE_LIMITS = {
     "3m": 60, "8m": 120, "25m": 150, "5m_vs_6m": 70, "10m_vs_11m": 150, "27m_vs_30m": 180, "2s3z": 120, "3s5z": 150,
-    "3s5z_vs_3s6z": 170, "3s_vs_5z": 250, "6h_vs_8z": 150, "smacv2_5_units": 200, "smacv2_10_units": 200, "smacv2_20_units": 200,
-}
-SMAC_INSTALL = ("install it with `pip install git+https://github.com/oxwhirl/{pkg}.git` and StarCraft II (set SC2PATH, "
-                "default ~/StarCraftII, with the SMAC maps in $SC2PATH/Maps), or use --env-backend smax")
+    "3s5z_vs_3s6z": 170, "3s_vs_5z": 250, "6h_vs_8z": 150, "smacv2_5_units": 200, "smacv2_10_units": 200,
+    "smacv2_20_units": 200,
+}  # fmt: skip
+SMAC_INSTALL = (
+    "install it with `pip install git+https://github.com/oxwhirl/{pkg}.git` and StarCraft II (set SC2PATH, default "
+    "~/StarCraftII, with the SMAC maps in $SC2PATH/Maps), or use --env-backend smax"
+)
 DATA_KEYS = ("obs", "state", "actions", "avail_actions", "reward", "terminated", "filled")
+# Flags a resumed run may change (plus --run-name and --cuda); every other setting comes from the checkpoint.
+SCHEDULE_FLAGS = (
+    "total_steps", "eval_interval", "log_interval", "eval_episodes", "threads", "track", "wandb_project_name",
+    "wandb_entity", "resume",
+)  # fmt: skip
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def fail(msg):
     raise SystemExit(f"error: {msg}")
 
 
-def validate_args(args):
-    if args.alpha <= 0 or args.critic_alpha <= 0:
-        fail(f"--alpha and --critic-alpha are temperatures and must be > 0 (got {args.alpha}, {args.critic_alpha})")
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def given_flags(args):
+    """Fields set on the command line: those that differ from the defaults, and those named on sys.argv."""
+    named = {arg[2:].split("=")[0].replace("-", "_") for arg in sys.argv[1:] if arg.startswith("--")}
+    named |= {name[3:] for name in named if name.startswith("no_")}
+    defaults = Args()
+    fields = dataclasses.fields(Args)
+    return {f.name for f in fields if f.name in named or getattr(args, f.name) != getattr(defaults, f.name)}
+
+
+def restore_args(args):
+    """--resume: the checkpoint's settings; of the command line only the schedule flags, --run-name and --cuda.
+    A given flag that would change the algorithm or the data is refused, naming both values."""
+    if not os.path.isfile(args.resume):
+        fail(f"--resume {args.resume}: no such checkpoint")
+    saved = torch.load(args.resume, map_location="cpu", weights_only=False)["args"]
+    kept = SCHEDULE_FLAGS + ("run_name", "cuda")
+    given = given_flags(args)
+    for name in sorted(given - set(kept)):
+        if name in saved and getattr(args, name) != saved[name]:
+            fail(
+                f"--resume {args.resume}: {flag(name)} {getattr(args, name)} given, the checkpoint was trained with "
+                f"{flag(name)} {saved[name]}; a resumed run keeps its algorithm and data flags (only --total-steps, "
+                "--eval-interval, --log-interval, --eval-episodes, --threads and --track may change)"
+            )
+    fields = {f.name for f in dataclasses.fields(Args)}
+    restored = Args(**{k: v for k, v in saved.items() if k in fields})
+    for name in kept:
+        if name in given or name == "resume":
+            setattr(restored, name, getattr(args, name))
+    restored.run_name = restored.run_name or os.path.basename(os.path.dirname(os.path.abspath(args.resume)))
+    return restored
+
+
+def resolve_args(args):
+    """Validate the flags; with --resume, the checkpoint's settings."""
+    if args.resume is not None:
+        args = restore_args(args)
+    for name in ("alpha", "critic_alpha"):
+        if not getattr(args, name) > 0:
+            fail(f"{flag(name)} is a temperature and must be > 0 (got {getattr(args, name)}); --alpha inf is exact BC")
     if args.reward_scale is not None and not 0 < args.reward_scale < float("inf"):
         fail(f"--reward-scale must be a finite number > 0 (got {args.reward_scale})")
     if not 0 <= args.td_lambda <= 1:
         fail(f"--td-lambda must be in [0, 1] (got {args.td_lambda})")
-    if min(args.total_steps, args.batch_size, args.eval_interval, args.eval_episodes, args.log_interval,
-           args.dataset_episodes, args.target_update_interval, args.threads, args.actor_hidden) < 1:
-        fail("--total-steps, --batch-size, --eval-interval, --eval-episodes, --log-interval, --dataset-episodes, "
-             "--target-update-interval, --threads and --actor-hidden must be >= 1")
+    for name in ("total_steps", "batch_size", "eval_interval", "eval_episodes", "log_interval", "dataset_episodes",
+                 "target_update_interval", "threads", "actor_hidden"):  # fmt: skip
+        if getattr(args, name) < 1:
+            fail(f"{flag(name)} must be >= 1 (got {getattr(args, name)})")
+    if args.dataset_path is not None and not os.path.isfile(args.dataset_path):
+        fail(f"--dataset-path {args.dataset_path}: no such file")
     return args
+
+
+def import_jaxmarl():
+    """JaxMARL, imported without its import-time chatter on stdout. Its print reaches the terminal even under
+    contextlib.redirect_stdout (an import restores sys.stdout), so file descriptor 1 points at /dev/null meanwhile."""
+    sys.stdout.flush()
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    try:
+        return importlib.import_module("jaxmarl")
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -150,12 +224,17 @@ class SmacAdapter:
 
     def __init__(self, env):
         self.env = env
-        self.info = {k: env.get_env_info()[k] for k in ("n_agents", "n_actions", "obs_shape", "state_shape", "episode_limit")}
+        self.info = {
+            k: env.get_env_info()[k] for k in ("n_agents", "n_actions", "obs_shape", "state_shape", "episode_limit")
+        }
 
     def _observe(self):
         env = self.env
-        return (np.asarray(env.get_obs(), np.float32)[None], np.asarray(env.get_state(), np.float32)[None],
-                np.asarray(env.get_avail_actions(), bool)[None])
+        return (
+            np.asarray(env.get_obs(), np.float32)[None],
+            np.asarray(env.get_state(), np.float32)[None],
+            np.asarray(env.get_avail_actions(), bool)[None],
+        )
 
     def reset(self, n, seed):
         self.env.reset()
@@ -182,7 +261,8 @@ class SmaxAdapter:
 
     def __init__(self, map_name):
         import jax
-        import jaxmarl
+
+        jaxmarl = import_jaxmarl()
         from jaxmarl.environments.smax import map_name_to_scenario
 
         self.jax, limit = jax, SMAX_EPISODE_LIMITS[map_name]
@@ -191,16 +271,20 @@ class SmaxAdapter:
         self.scale = jax.numpy.asarray(smax_state_scale(env))
         world = jax.eval_shape(lambda key: env.get_world_state(env.reset(key)[1]), jax.random.PRNGKey(0))
         self.raw_state = (int(world.shape[0]), np.asarray(self.scale))  # files that store get_world_state as is
-        self.info = {"n_agents": env.num_allies, "n_actions": int(env.action_space(env.agents[0]).n),
-                     "obs_shape": int(env.observation_space(env.agents[0]).shape[0]), "state_shape": len(self.scale),
-                     "episode_limit": limit}
+        self.info = {
+            "n_agents": env.num_allies,
+            "n_actions": int(env.action_space(env.agents[0]).n),
+            "obs_shape": int(env.observation_space(env.agents[0]).shape[0]),
+            "state_shape": len(self.scale),
+            "episode_limit": limit,
+        }
         self._reset_batch = jax.jit(jax.vmap(self.reset_one))
         self._step_batch = jax.jit(jax.vmap(self.step_one))
 
     def observe(self, state):
         jnp, env = self.jax.numpy, self.env
         obs = jnp.stack([o for a, o in env.get_obs(state).items() if a != "world_state"])
-        # every kept feature lies in [0, 1] once scaled; the clip catches cooldowns, which keep falling below 0 when idle
+        # every kept feature lies in [0, 1] once scaled; the clip catches idle cooldowns, which keep falling below 0
         world = self.jax.numpy.clip(env.get_world_state(state)[: len(self.scale)] * self.scale, 0.0, 1.0)
         avail = jnp.stack(list(env.get_avail_actions(state).values())).astype(bool)
         return obs, world, avail
@@ -215,7 +299,7 @@ class SmaxAdapter:
         env = self.env
         _, state, rewards, dones, _ = env.step_env(key, state, {a: actions[i] for i, a in enumerate(env.agents)})
         alive = state.state.unit_alive
-        won = ~alive[env.num_allies:].any() & alive[: env.num_allies].any()  # SMAX's infos are empty
+        won = ~alive[env.num_allies :].any() & alive[: env.num_allies].any()  # SMAX's infos are empty
         return state, self.observe(state), rewards[env.agents[0]], dones["__all__"], won
 
     def reset(self, n, seed):
@@ -237,7 +321,10 @@ def smac_env(backend, map_name, seed):
         module = importlib.import_module(f"{pkg}.env")
         maps = importlib.import_module(f"{pkg}.env.starcraft2.maps")
     except ImportError:  # note: `pip install smac` from PyPI is SMAC3, an unrelated optimiser without smac.env
-        fail(f"--env-backend {backend}: the {pkg} package (StarCraft Multi-Agent Challenge) is not installed; " + SMAC_INSTALL.format(pkg=pkg))
+        fail(
+            f"--env-backend {backend}: the {pkg} package (StarCraft Multi-Agent Challenge) is not installed; "
+            + SMAC_INSTALL.format(pkg=pkg)
+        )
     sc2path = os.environ.get("SC2PATH", os.path.expanduser("~/StarCraftII"))
     if not os.path.isdir(sc2path):
         fail(f"--env-backend {backend}: StarCraft II not found at {sc2path}; " + SMAC_INSTALL.format(pkg=pkg))
@@ -247,18 +334,44 @@ def smac_env(backend, map_name, seed):
             fail(f"unknown SMAC map '{map_name}'; known maps: {', '.join(known)}")
         return module.StarCraft2Env(map_name=map_name, seed=seed)
     # SMACv2 scenarios "<race>_<allies>_vs_<enemies>", with the capability config of smacv2's example yaml files.
-    units = {"protoss": ["stalker", "zealot", "colossus"], "terran": ["marine", "marauder", "medivac"], "zerg": ["zergling", "hydralisk", "baneling"]}
+    units = {
+        "protoss": ["stalker", "zealot", "colossus"],
+        "terran": ["marine", "marauder", "medivac"],
+        "zerg": ["zergling", "hydralisk", "baneling"],
+    }
     race, _, n, _, m = (map_name.split("_") + [""] * 5)[:5]
     if race not in units or not (n.isdigit() and m.isdigit()):
-        fail(f"unknown SMACv2 scenario '{map_name}'; known: <race>_<allies>_vs_<enemies> with race in {sorted(units)}, e.g. protoss_5_vs_5")
+        fail(
+            f"unknown SMACv2 scenario '{map_name}'; known: <race>_<allies>_vs_<enemies> with race in "
+            f"{sorted(units)}, e.g. protoss_5_vs_5"
+        )
     config = {
-        "n_units": int(n), "n_enemies": int(m),
-        "team_gen": {"dist_type": "weighted_teams", "unit_types": units[race], "weights": [0.45, 0.45, 0.1],
-                     "exception_unit_types": [units[race][2]], "observe": True},
-        "start_positions": {"dist_type": "surrounded_and_reflect", "p": 0.5, "n_enemies": int(m), "map_x": 32, "map_y": 32},
+        "n_units": int(n),
+        "n_enemies": int(m),
+        "team_gen": {
+            "dist_type": "weighted_teams",
+            "unit_types": units[race],
+            "weights": [0.45, 0.45, 0.1],
+            "exception_unit_types": [units[race][2]],
+            "observe": True,
+        },
+        "start_positions": {
+            "dist_type": "surrounded_and_reflect",
+            "p": 0.5,
+            "n_enemies": int(m),
+            "map_x": 32,
+            "map_y": 32,
+        },
     }
-    return module.StarCraftCapabilityEnvWrapper(capability_config=config, map_name=f"10gen_{race}", seed=seed, conic_fov=False,
-                                                obs_own_pos=True, use_unit_ranges=True, min_attack_range=2)
+    return module.StarCraftCapabilityEnvWrapper(
+        capability_config=config,
+        map_name=f"10gen_{race}",
+        seed=seed,
+        conic_fov=False,
+        obs_own_pos=True,
+        use_unit_ranges=True,
+        min_attack_range=2,
+    )
 
 
 def make_adapter(backend, map_name, seed):
@@ -269,7 +382,10 @@ def make_adapter(backend, map_name, seed):
         except ImportError:
             found = False
         backend = "smac" if found else "smax"
-        print(f"env backend: {backend} (auto: {'smac and StarCraft II found' if found else 'smac or StarCraft II not found'})")
+        print(
+            f"env backend: {backend} (auto: "
+            f"{'smac and StarCraft II found' if found else 'smac or StarCraft II not found'})"
+        )
     if backend == "smax":
         if map_name not in SMAX_EPISODE_LIMITS:
             fail(f"unknown SMAX map '{map_name}'; known maps: {', '.join(SMAX_EPISODE_LIMITS)}")
@@ -293,19 +409,30 @@ def transition_mask(filled, terminated):
 
 def load_dataset(path, info, map_name, backend, device, reward_scale=1.0, raw_state=None):
     """Episode tensors on `device`, rewards times reward_scale. raw_state = (size, scale): a `state` of that size is the
-    raw SMAX world state (env.get_world_state, e.g. recorded by another SMAX tool); it is normalised like SmaxAdapter's."""
+    raw SMAX world state (env.get_world_state, e.g. recorded by another SMAX tool), normalised like SmaxAdapter's."""
     import h5py
 
     if not os.path.isfile(path):
-        fail(f"--dataset {path}: no such file")
+        fail(f"--dataset-path {path}: no such file")
+    if not h5py.is_hdf5(path):
+        fail(
+            f"--dataset-path {path} is not an HDF5 file; pass a PyMARL episode file (HDF5 keys {', '.join(DATA_KEYS)})"
+        )
     with h5py.File(path, "r") as f:
         missing = [k for k in DATA_KEYS if k not in f]
         if missing:
-            fail(f"{path} is not a PyMARL episode file: missing keys {missing} (has {sorted(f.keys())}); needs {list(DATA_KEYS)}")
+            fail(
+                f"{path} is not a PyMARL episode file: missing keys {missing} (has {sorted(f.keys())}); "
+                f"needs {list(DATA_KEYS)}"
+            )
         data_map = f.attrs.get("map_name")
         data_map = data_map.decode() if isinstance(data_map, bytes) else data_map
-        shape = {"n_agents": f["obs"].shape[2], "n_actions": f["avail_actions"].shape[3], "obs_shape": f["obs"].shape[3],
-                 "state_shape": f["state"].shape[2]}
+        shape = {
+            "n_agents": f["obs"].shape[2],
+            "n_actions": f["avail_actions"].shape[3],
+            "obs_shape": f["obs"].shape[3],
+            "state_shape": f["state"].shape[2],
+        }
         normalise = raw_state is not None and shape["state_shape"] == raw_state[0] != info["state_shape"]
         if normalise:
             shape["state_shape"] = info["state_shape"]
@@ -315,19 +442,29 @@ def load_dataset(path, info, map_name, backend, device, reward_scale=1.0, raw_st
         if data_map is not None and data_map != map_name:
             diffs.insert(0, f"map {data_map} (dataset) vs {map_name} (env)")
         if diffs:
-            fail(f"{path} does not match the {backend} env of map {map_name}: {'; '.join(diffs)}. Use data recorded on the "
-                 "same map, backend and version (SMAX states are normalised: see README)")
+            fail(
+                f"{path} does not match the {backend} env of map {map_name}: {'; '.join(diffs)}. Use data recorded "
+                "on the "
+                "same map, backend and version (SMAX states are normalised: see README)"
+            )
         rows = int(f["filled"][:].reshape(len(f["filled"]), -1).sum(1).max())  # drop all-padding columns
         raw = {k: f[k][:, :rows] for k in DATA_KEYS}
     if normalise:  # as SmaxAdapter.observe: keep the per-unit features, scale them, clip the idle cooldowns below 0
         raw["state"] = np.clip(raw["state"][..., : len(raw_state[1])].astype(np.float32) * raw_state[1], 0.0, 1.0)
-        print(f"{path}: state is the raw SMAX world state ({raw_state[0]} features); normalised to {info['state_shape']} on load")
+        print(
+            f"{path}: state is the raw SMAX world state ({raw_state[0]} features); normalised to "
+            f"{info['state_shape']} on load"
+        )
     data = {
-        "obs": torch.as_tensor(raw["obs"]), "state": torch.as_tensor(raw["state"]),  # float16 files stay float16 in memory
+        "obs": torch.as_tensor(raw["obs"]),
+        "state": torch.as_tensor(raw["state"]),  # float16 files stay float16 in memory
         "actions": torch.as_tensor(raw["actions"].reshape(raw["actions"].shape[:3]).astype(np.int64)),
         "avail": torch.as_tensor(raw["avail_actions"] != 0),
     }
-    flat = {k: torch.as_tensor(raw[k].reshape(raw[k].shape[:2]).astype(np.float32)) for k in ("reward", "terminated", "filled")}
+    flat = {
+        k: torch.as_tensor(raw[k].reshape(raw[k].shape[:2]).astype(np.float32))
+        for k in ("reward", "terminated", "filled")
+    }
     data["reward"], data["terminated"] = flat["reward"][:, :-1] * reward_scale, flat["terminated"][:, :-1]
     data["mask"] = transition_mask(flat["filled"], flat["terminated"])
     keep = data["mask"].any(1)  # episodes without a single valid transition would give empty batches
@@ -344,7 +481,7 @@ def load_dataset(path, info, map_name, backend, device, reward_scale=1.0, raw_st
 class Actor(nn.Module):
     """Shared GRU agent on (obs, last action one-hot, agent id one-hot); one fused nn.GRU call over the sequence."""
 
-    def __init__(self, obs_dim, n_actions, n_agents, hidden=64):
+    def __init__(self, obs_dim, n_actions, n_agents, hidden=128):
         super().__init__()
         self.n_agents = n_agents
         self.fc1 = nn.Linear(obs_dim + n_actions + n_agents, hidden)
@@ -365,7 +502,9 @@ class Critic(nn.Module):
 
     def __init__(self, state_dim, obs_dim, n_actions, n_agents, hidden=256):
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(state_dim + obs_dim + n_agents, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Linear(state_dim + obs_dim + n_agents, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()
+        )
         self.advantage, self.value = nn.Linear(hidden, n_actions), nn.Linear(hidden, 1)
 
     def forward(self, state, obs):
@@ -400,8 +539,8 @@ class Mixer(nn.Module):
 def icq_weights(x, temperature, mask=None, dim=0):
     """n * softmax(x / temperature) along `dim` over the valid entries: the practical Z of the paper (Sec. 4.1).
 
-    x: any shape; mask: bool like x (None: all valid). Invalid entries get weight 0 and never enter the softmax; n is the
-    number of valid entries along `dim`, so valid weights average 1. softmax subtracts the max: no overflow.
+    x: any shape; mask: bool like x (None: all valid). Invalid entries get weight 0 and never enter the softmax; n is
+    the number of valid entries along `dim`, so valid weights average 1. softmax subtracts the max: no overflow.
     """
     logits = x / temperature
     if mask is None:
@@ -415,7 +554,8 @@ def behavior_weights(x, actions, log_mu, temperature):
     """The exact per-state weight exp(x(a)/T) / Z(tau), Z(tau) = sum_b mu(b|tau) exp(x(b)/T) (Sec. 3, eq. 7 with the
     paper's own Z instead of the batch softmax), at the data action a, in log space.
 
-    x, log_mu: [..., A] (log_mu = log of the behaviour model, -inf at unavailable actions); actions [...]. Returns [...].
+    x, log_mu: [..., A] (log_mu: the behaviour model's log-probabilities, -inf at unavailable actions); actions [...].
+    Returns [...].
     Any baseline added to x cancels, and E_{a ~ mu}[weight] = 1 in every state: states with high Q do not take the
     weight from states with low Q, as they do under the batch softmax.
     """
@@ -466,29 +606,34 @@ def critic_targets(target_q, actions, k, bias, rewards, terminated, mask, gamma,
     return td_lambda_targets(rewards, terminated, mask.to(rewards.dtype), rho * q_tot, gamma, td_lambda), rho
 
 
-def on_rows(rows, fn, *tensors):
-    """fn(*tensors at the (episode, t) rows where `rows` [B, T] is true), each output scattered back into zeros [B, T, ...].
-
-    A batch is cut to its longest episode, so about a third of its rows are padding (3s_vs_5z); the critic, its target and
-    the actor-side Q run on the rows that are read only. Rows left at zero are never read (rho and the masks are 0 there).
-    """
+def on_valid_rows(net, rows, *inputs):
+    """net(*inputs) at the (episode, t) rows where `rows` [B, T] is true only, each output scattered back into zeros
+    [B, T, ...]. The packing optimisation: a batch is cut to its longest episode, so about a third of its rows are
+    padding (3s_vs_5z); rows left at zero are never read (rho and the masks are 0 there)."""
     index = rows.nonzero(as_tuple=True)
-    outputs = fn(*(x[index] for x in tensors))
-    return tuple(out.new_zeros(rows.shape + out.shape[1:]).index_put_(index, out) for out in outputs)
+    out = net(*(x[index] for x in inputs))
+
+    def scatter(y):
+        return y.new_zeros(rows.shape + y.shape[1:]).index_put_(index, y)
+
+    return tuple(map(scatter, out)) if isinstance(out, tuple) else scatter(out)
 
 
-def critic_step_rows(mask, sequential):
-    """The (episode, t) index of each critic optimiser step: one step per timestep over its valid episodes (sequential,
-    the authors' loop; a timestep without any is skipped, as theirs) or one step over every valid transition (batched)."""
-    if not sequential:
-        return [mask.nonzero(as_tuple=True)]
-    _, episodes = mask.t().nonzero(as_tuple=True)  # ordered by timestep: split into one group per timestep
-    groups = torch.split(episodes, mask.sum(0).tolist())
-    return [(e, torch.full_like(e, t)) for t, e in enumerate(groups) if len(e)]
+def episodes_per_timestep(valid):
+    """valid [B, T-1] -> for each timestep t, the episodes with a valid transition at t (one host sync)."""
+    _, episodes = valid.t().nonzero(as_tuple=True)  # ordered by timestep
+    return torch.split(episodes, valid.sum(0).tolist())
+
+
+def critic_loss(critic, mixer, state, obs, actions, targets):
+    """Squared error of Q_tot(s, a) = sum_i k_i(s) Q_i(s, o_i, a_i) + b(s) (eq. 16) against the TD(lambda) targets."""
+    k, b = mixer(state)
+    q_tot = (k * critic(state, obs).gather(-1, actions.unsqueeze(-1)).squeeze(-1)).sum(-1) + b
+    return ((q_tot - targets) ** 2).mean()
 
 
 def previous_actions_onehot(actions, n_actions):
-    """actions [B,T,N] -> the agent input "last action" [B,T,N,A]: a_{t-1} one-hot, zeros at t = 0 (as in evaluation)."""
+    """actions [B,T,N] -> the agent input "last action" [B,T,N,A]: a_{t-1} one-hot, zeros at t = 0 (as evaluate)."""
     return F.pad(F.one_hot(actions[:, :-1], n_actions).float(), (0, 0, 0, 0, 1, 0))
 
 
@@ -558,6 +703,323 @@ def evaluate(actor, adapter, episodes, seed, device, sample=False):
     return float(np.mean(wins)), float(np.mean(returns))
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Training (Algorithm 2): each iteration samples episodes, runs the critic phase, then the actor phase.
+def duration(seconds):
+    """1h02m or 3m12s."""
+    seconds = int(seconds)
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
+
+
+def last3_mean(evaluations):
+    """The README's metric: the mean win rate of the last three evaluations."""
+    return float(np.mean([e["win_rate"] for e in evaluations[-3:]])) if evaluations else None
+
+
+def weight_stats(actor_weights, rho):
+    """Spread of the ICQ weights (eq. 19, Sec. 4.3) over the valid entries: near 1 everywhere is plain SARSA / BC."""
+    w, r = actor_weights, rho[rho > 0]
+    return {"actor_weight_max": w.max(), "actor_weight_std": w.std(), "rho_max": rho.max(), "rho_std": r.std(),
+            # effective sample size of the actor weights, as a fraction of the batch's (t, i) pairs
+            "actor_weight_ess": w.sum() ** 2 / (w.numel() * (w**2).sum())}  # fmt: skip
+
+
+def main(args):
+    """Train ICQ-MA on one dataset; returns the summary (also written to runs/{run_name}/summary.json)."""
+    args = resolve_args(args)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines reach nohup / SLURM logs as they happen
+    # SIGINT / SIGTERM only set a flag: the loop finishes its iteration, then saves the run and exits.
+    stop = {"signal": None}
+    previous_handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum)) for s in STOP_SIGNALS}
+    checkpoint = None if args.resume is None else torch.load(args.resume, map_location="cpu", weights_only=False)
+    data_name = os.path.basename(args.dataset_path).rsplit(".", 1)[0] if args.dataset_path else args.quality
+    method = "bc" if args.alpha == float("inf") else f"alpha{args.alpha:g}"
+    args.run_name = (
+        args.run_name or f"{args.map}-{data_name}__{args.exp_name}__{method}__{args.seed}__{int(time.time())}"
+    )
+    run_dir, ckpt_path = f"runs/{args.run_name}", f"runs/{args.run_name}/checkpoint.pt"
+    print(f"run directory: {run_dir}/")
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # Environment and data
+    backend, adapter = make_adapter(args.env_backend, args.map, args.seed)
+    dataset_path = args.dataset_path
+    if dataset_path is None:
+        if backend != "smax":
+            fail(
+                f"--env-backend {backend} needs --dataset-path PATH.h5 (PyMARL episode layout, recorded on this "
+                "StarCraft II version)"
+            )
+        # v2: strategy-mixed data with controller ids
+        dataset_path = f"datasets/smax_{args.map}_{args.quality}_{args.dataset_episodes}ep_v2.h5"
+        if not os.path.isfile(dataset_path):
+            gen_start = time.time()
+            print(f"generating {dataset_path} ({args.dataset_episodes} episodes):")
+            win_rate, mean_return, _ = generate_smax_dataset(
+                dataset_path, args.map, args.quality, args.dataset_episodes, seed=0
+            )
+            print(
+                f"generated {dataset_path}: {args.dataset_episodes} episodes in {time.time() - gen_start:.1f}s, "
+                f"behaviour win rate {win_rate:.3f}, mean return {mean_return:.3f}"
+            )
+    reward_scale = args.reward_scale if args.reward_scale is not None else (10.0 if backend == "smax" else 1.0)
+    data = load_dataset(dataset_path, adapter.info, args.map, backend, device, reward_scale, adapter.raw_state)
+    dataset_return = float((data["reward"] * data["mask"]).sum(1).mean()) / reward_scale
+    num_episodes, (n_agents, n_actions) = data["obs"].shape[0], (adapter.info["n_agents"], adapter.info["n_actions"])
+    obs_dim, state_dim = adapter.info["obs_shape"], adapter.info["state_shape"]
+    print(
+        f"{num_episodes} episodes, {int(data['mask'].sum())} transitions from {dataset_path}; backend {backend}, "
+        f"map {args.map}; mean episode return {dataset_return:.3f}, rewards x {reward_scale:g} for training"
+    )
+
+    actor = Actor(obs_dim, n_actions, n_agents, args.actor_hidden).to(device)
+    critic = Critic(state_dim, obs_dim, n_actions, n_agents).to(device)
+    mixer = Mixer(state_dim, n_agents, bias=args.mixer_bias).to(device)
+    critic_target_net = copy.deepcopy(critic).requires_grad_(False)
+    mixer_target = copy.deepcopy(mixer).requires_grad_(False)
+    critic_params = list(critic.parameters()) + list(mixer.parameters())
+    actor_optimizer = torch.optim.RMSprop(actor.parameters(), lr=args.actor_lr, alpha=0.99, eps=1e-5)
+    critic_optimizer = torch.optim.RMSprop(critic_params, lr=args.critic_lr, alpha=0.99, eps=1e-5)
+    modules = {
+        "actor": actor,
+        "critic": critic,
+        "mixer": mixer,
+        "critic_target": critic_target_net,
+        "mixer_target": mixer_target,
+        "actor_optimizer": actor_optimizer,
+        "critic_optimizer": critic_optimizer,
+    }
+    if args.normalizer == "behavior":  # mu_i for the exact Z: a recurrent policy on the actor's inputs, exact BC
+        behavior = Actor(obs_dim, n_actions, n_agents, args.actor_hidden).to(device)
+        behavior_optimizer = torch.optim.RMSprop(behavior.parameters(), lr=args.actor_lr, alpha=0.99, eps=1e-5)
+        modules.update(behavior=behavior, behavior_optimizer=behavior_optimizer)
+
+    start_step, evaluations, critic_steps, last_target_update = 0, [], 0, 0
+    if checkpoint is not None:
+        for key, module in modules.items():
+            module.load_state_dict(checkpoint[key])
+        random.setstate(checkpoint["rng"]["python"])
+        np.random.set_state(checkpoint["rng"]["numpy"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        start_step, evaluations = checkpoint["step"], checkpoint["evaluations"]
+        critic_steps, last_target_update = checkpoint["critic_steps"], checkpoint["last_target_update"]
+        print(f"resumed from {args.resume} at iteration {start_step}")
+
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=args.run_name, save_code=True)  # fmt: skip
+    writer = SummaryWriter(run_dir)
+    writer.add_text(
+        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    )
+
+    def save_checkpoint(step):
+        state = {key: module.state_dict() for key, module in modules.items()}
+        state["rng"] = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+        }
+        state.update(
+            step=step,
+            args=vars(args),
+            evaluations=evaluations,
+            critic_steps=critic_steps,
+            last_target_update=last_target_update,
+        )
+        torch.save(state, ckpt_path + ".tmp")
+        os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash mid-save leaves the previous checkpoint intact
+
+    def check_finite(nonfinite_step):
+        if int(nonfinite_step) >= 0:
+            kept = (
+                f"the last checkpoint {ckpt_path} is unchanged; continue with --resume {ckpt_path}"
+                if os.path.exists(ckpt_path)
+                else "no checkpoint was written (use --save-model)"
+            )
+            fail(f"non-finite loss (NaN or inf) at iteration {int(nonfinite_step)}; training stopped, {kept}")
+
+    def write_summary(step, interrupted):
+        wall_seconds = time.time() - start_time
+        summary = {
+            "args": vars(args), "run_name": args.run_name, "interrupted": interrupted, "step": step,
+            "backend": backend, "dataset": dataset_path, "dataset_return": dataset_return, "reward_scale": reward_scale,
+            "last3_mean": last3_mean(evaluations), "last3_metric": "win rate",
+            "final_win_rate": evaluations[-1]["win_rate"] if evaluations else None,
+            "best_win_rate": max(e["win_rate"] for e in evaluations) if evaluations else None,
+            "final_return": evaluations[-1]["return"] if evaluations else None,
+            "iterations_per_second": (step - start_step) / max(wall_seconds - eval_seconds, 1e-9),
+            "wall_seconds": wall_seconds,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "evaluations": evaluations,
+        }  # fmt: skip
+        with open(f"{run_dir}/summary.json", "w") as f:
+            json.dump(summary, f, indent=2)
+        return summary
+
+    def clipped_step(optimizer, loss, params):
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, args.grad_clip)
+        optimizer.step()
+
+    def log_progress(step, scalars):
+        scalars = {key: float(value) for key, value in scalars.items()}  # the only host syncs of an iteration
+        its = (step - start_step) / (time.time() - start_time - eval_seconds)
+        for key, value in scalars.items():
+            writer.add_scalar(f"losses/{key}", value, step)
+        writer.add_scalar("charts/SPS", its, step)
+        eta = duration((time.time() - start_time) / (step - start_step) * (args.total_steps - step))
+        print(
+            f"step {step}/{args.total_steps} | critic {scalars['critic_loss']:.4f} | actor {scalars['actor_loss']:.4f} "
+            f"| q {scalars['q_values']:.3f} | weight max {scalars['actor_weight_max']:.2f} std "
+            f"{scalars['actor_weight_std']:.3f} ess {scalars['actor_weight_ess']:.3f} | rho max "
+            f"{scalars['rho_max']:.3f} | {its:.2f} it/s | ETA {eta}"
+        )
+
+    nonfinite_step = torch.full((), -1, device=device)  # first iteration with a NaN/inf loss, read at log intervals
+    start_time, eval_seconds, step = time.time(), 0.0, start_step
+    for step in range(start_step + 1, args.total_steps + 1):
+        # A batch of distinct episodes, cut to the longest one (one host sync: the cut length decides the loop length).
+        idx = torch.randperm(num_episodes, device=device)[: args.batch_size]
+        rows = int(data["rows"][idx].max())
+        obs, state = data["obs"][idx, :rows].float(), data["state"][idx, :rows].float()
+        actions, avail = data["actions"][idx, :rows], data["avail"][idx, :rows]
+        reward, terminated, mask = (data[k][idx, : rows - 1] for k in ("reward", "terminated", "mask"))
+        valid = mask.bool()
+        log_mu = None
+        if args.normalizer == "behavior":  # mu_i(.|tau_i) at every row: the actor's rows t and the target's rows t + 1
+            mu_logits, _ = behavior(obs, previous_actions_onehot(actions, n_actions))
+            log_mu = masked_log_softmax(mu_logits, avail)[0].detach()
+
+        # Critic phase (eq. 19-20): regress Q_tot(tau_t, a_t) on TD(lambda) targets built once from the target networks
+        # at the rows the valid transitions bootstrap from (t + 1); every network skips the padding.
+        with torch.no_grad():
+            next_rows = F.pad(valid, (1, 0))
+            target_q = on_valid_rows(critic_target_net, next_rows, state, obs)
+            k_target, b_target = on_valid_rows(mixer_target, next_rows, state)
+            targets, rho = critic_targets(
+                target_q,
+                actions,
+                k_target,
+                b_target,
+                reward,
+                terminated,
+                mask,
+                args.gamma,
+                args.td_lambda,
+                args.critic_alpha,
+                log_mu,
+            )
+
+        def critic_step(index):  # one optimiser step on the (episodes, timesteps) `index` of this batch
+            loss = critic_loss(critic, mixer, state[index], obs[index], actions[index], targets[index])
+            clipped_step(critic_optimizer, loss, critic_params)
+            return loss
+
+        if args.critic_updates == "sequential":  # the authors' loop: one optimiser step per timestep t = 0..T-2
+            for t, episodes in enumerate(episodes_per_timestep(valid)):
+                if len(episodes):  # a timestep without valid episodes is skipped, as in the authors' code
+                    loss_q = critic_step((episodes, torch.full_like(episodes, t)))
+                    critic_steps += 1
+        else:  # batched: one step over every valid transition of the batch
+            loss_q = critic_step(valid.nonzero(as_tuple=True))
+            critic_steps += 1
+        if critic_steps - last_target_update >= args.target_update_interval:
+            critic_target_net.load_state_dict(critic.state_dict())
+            mixer_target.load_state_dict(mixer.state_dict())
+            last_target_update = critic_steps
+
+        # Actor phase (Sec. 4.3): weighted behaviour cloning with the just-updated critic; a_{t-1} is an input at t.
+        with torch.no_grad():
+            q_values = on_valid_rows(critic, valid, state[:, :-1], obs[:, :-1])
+            k = on_valid_rows(mixer, valid, state[:, :-1])[0]
+        logits, _ = actor(obs[:, :-1], previous_actions_onehot(actions[:, :-1], n_actions))
+        loss_pi, actor_weights = actor_loss(
+            logits,
+            avail[:, :-1],
+            actions[:, :-1],
+            q_values,
+            k,
+            mask,
+            args.alpha,
+            args.mixer_weight_in_exponent,
+            None if log_mu is None else log_mu[:, :-1],
+        )
+        clipped_step(actor_optimizer, loss_pi, list(actor.parameters()))
+        if args.normalizer == "behavior":  # exact BC of mu_i on the same batch, after its weights were read
+            loss_mu, _ = actor_loss(mu_logits[:, :-1], avail[:, :-1], actions[:, :-1], q_values, k, mask, float("inf"))
+            clipped_step(behavior_optimizer, loss_mu, list(behavior.parameters()))
+        nonfinite_step = torch.where((nonfinite_step < 0) & ~torch.isfinite(loss_q + loss_pi), step, nonfinite_step)
+
+        if step % args.log_interval == 0:
+            check_finite(nonfinite_step)
+            q_taken = q_values.gather(-1, actions[:, :-1].unsqueeze(-1)).squeeze(-1)
+            scalars = {"critic_loss": loss_q, "actor_loss": loss_pi, "q_values": q_taken[valid].mean(),
+                       **weight_stats(actor_weights[valid], rho)}  # fmt: skip
+            if args.normalizer == "behavior":
+                scalars["behavior_loss"] = loss_mu
+            log_progress(step, scalars)
+
+        if step % args.eval_interval == 0 or step == args.total_steps:
+            check_finite(nonfinite_step)
+            eval_start = time.time()
+            win_rate, mean_return = evaluate(
+                actor, adapter, args.eval_episodes, args.seed + 10_000, device, args.eval_sample
+            )
+            eval_seconds += time.time() - eval_start
+            evaluations.append({"step": step, "win_rate": win_rate, "return": mean_return})
+            writer.add_scalar("eval/win_rate", win_rate, step)
+            writer.add_scalar("eval/return", mean_return, step)
+            print(
+                f"eval step {step}: win rate {win_rate:.3f}, return {mean_return:.3f} ({args.eval_episodes} episodes, "
+                f"{time.time() - eval_start:.1f}s)"
+            )
+            if args.save_model:
+                save_checkpoint(step)
+
+        if stop["signal"] is not None:
+            check_finite(nonfinite_step)
+            save_checkpoint(step)
+            write_summary(step, interrupted=True)
+            writer.close()
+            for s, handler in previous_handlers.items():
+                signal.signal(s, handler)
+            print(
+                f"interrupted at iteration {step} ({signal.Signals(stop['signal']).name}): checkpoint {ckpt_path}; "
+                f"continue with: python {os.path.basename(__file__)} --resume {ckpt_path}",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(128 + stop["signal"])
+
+    for s, handler in previous_handlers.items():
+        signal.signal(s, handler)
+    summary = write_summary(step, interrupted=False)
+    mean3 = summary["last3_mean"]
+    print(
+        f"done: last-3 eval mean {'n/a' if mean3 is None else f'{mean3:.3f}'} (win rate), summary in "
+        f"{run_dir}/summary.json"
+    )
+    writer.close()
+    return summary
+
+
 # =====================================================================================================================
 # Data generation, not part of ICQ-MA: scripted SMAX behaviour controllers and the recorder of their episodes.
 # Each controller reads only the privileged world state and the available actions and gives every agent a distribution
@@ -565,18 +1027,19 @@ def evaluate(actor, adapter, episodes, seed, device, sample=False):
 # deterministic function of (seed, controller, epsilon).
 CONTROLLERS = ("focus_kite", "spread", "hold", "wander", "random")
 QUALITY_EPSILON = {"good": 0.0, "medium": 0.1, "poor": 0.3}  # per-agent chance of a uniform available action
-# --quality mixed: the good controller plays a minority of the episodes, so that at most states the data's most frequent
-# action comes from a worse one: hold (stop, not approach) outweighs the approaching controllers, and spread + hold
-# (fire spread over the enemies) outweigh focus fire. The recorder measures it: good_not_majority_fraction (attribute).
-MIXTURE = {"focus_kite": 0.2, "spread": 0.2, "hold": 0.5, "wander": 0.05, "random": 0.05}
+# Strategy mixtures (shares of the episodes). mixed: the good controller plays a minority, so that at most states the
+# data's most frequent action comes from a worse one: hold (stop, not approach) outweighs the approaching controllers,
+# and spread + hold (fire spread over the enemies) outweigh focus fire. The recorder measures how often the good action
+# is not the mixture's most probable one: the attribute good_not_majority_fraction.
+MIXTURES = {"mixed": {"focus_kite": 0.2, "spread": 0.2, "hold": 0.5, "wander": 0.05, "random": 0.05}}
 
 
 def controller_policies(env, state, avail, kite_distance=5.0):
     """Action probabilities [len(CONTROLLERS), n_allies, n_actions] of every controller at this state (actions 0-3 move
     N/E/S/W, 4 stops, 5 + j attacks enemy j).
 
-    focus_kite (good): all focus fire on the weakest enemy in range; ranged allies facing melee enemies kite (attack when
-        the weapon is ready, else step away from nearby enemies); out of range, approach the closest enemy.
+    focus_kite (good): all focus fire on the weakest enemy in range; ranged allies facing melee enemies kite (attack
+        when the weapon is ready, else step away from nearby enemies); out of range, approach the closest enemy.
     spread: attack the healthiest enemy in range, agent i preferring enemy i at equal health (fire spread over the
         enemies), else approach the closest enemy; no kiting.
     hold: never move; fire as spread does, else stop.
@@ -607,31 +1070,48 @@ def controller_policies(env, state, avail, kite_distance=5.0):
     flee = jnp.argmax((away + wall) @ dirs.T, -1)
     approach = jnp.argmax((pos[na:][jnp.argmin(dist, -1)] - pos[:na]) @ dirs.T, -1)
     ready = s.unit_weapon_cooldowns[:na] <= 0.5
-    focus_kite = jnp.where(in_range & (ready | ~kite), attack(health[None] + 1e-3 * dist),
-                           jnp.where(kite & (nearest < kite_distance), flee, jnp.where(nearest < ranges[:na] - 0.3, 4, approach)))
+    focus_kite = jnp.where(
+        in_range & (ready | ~kite),
+        attack(health[None] + 1e-3 * dist),
+        jnp.where(kite & (nearest < kite_distance), flee, jnp.where(nearest < ranges[:na] - 0.3, 4, approach)),
+    )
     preference = (jnp.arange(ne)[None] - jnp.arange(na)[:, None]) % ne
     spread_fire = attack(-health[None] + 1e-3 * preference)
     spread, hold = jnp.where(in_range, spread_fire, approach), jnp.where(in_range, spread_fire, 4)
     n_actions = avail.shape[-1]
-    deterministic = [jax.nn.one_hot(jnp.where(avail[jnp.arange(na), a], a, 4), n_actions) for a in (focus_kite, spread, hold)]
+
+    def one_hot(a):
+        return jax.nn.one_hot(jnp.where(avail[jnp.arange(na), a], a, 4), n_actions)
+
     moves = avail.at[:, 4:].set(False)
-    wander = jnp.where(moves.any(-1, keepdims=True), moves, jax.nn.one_hot(4, n_actions, dtype=bool)).astype(jnp.float32)
+    wander = jnp.where(moves.any(-1, keepdims=True), moves, jax.nn.one_hot(4, n_actions, dtype=bool)).astype(
+        jnp.float32
+    )
     uniform = avail.astype(jnp.float32)
-    return jnp.stack(deterministic + [wander / wander.sum(-1, keepdims=True), uniform / uniform.sum(-1, keepdims=True)])
+    return jnp.stack(
+        [
+            one_hot(focus_kite),
+            one_hot(spread),
+            one_hot(hold),
+            wander / wander.sum(-1, keepdims=True),
+            uniform / uniform.sum(-1, keepdims=True),
+        ]
+    )
 
 
 def generate_smax_dataset(path, map_name, quality, episodes, seed, chunk=250):
-    """Record `episodes` scripted episodes in the PyMARL layout (float16 obs/state, trimmed to the longest episode), with
-    each episode's controller id ("controller", names in the attribute controller_names). Prints each component's win
-    rate; returns (win rate, mean return, good_not_majority_fraction)."""
+    """Record `episodes` scripted episodes in the PyMARL layout (float16 obs/state, trimmed to the longest episode),
+    with each episode's controller id ("controller", names in the attribute controller_names). Prints each component's
+    win rate; returns (win rate, mean return, good_not_majority_fraction)."""
     import h5py
     import jax
     import jax.numpy as jnp
-    import jaxmarl
 
+    jaxmarl = import_jaxmarl()
     adapter = SmaxAdapter(map_name)
     env, limit = adapter.env, adapter.info["episode_limit"]
-    mixture = jnp.asarray([MIXTURE[c] for c in CONTROLLERS])
+    shares = np.array([MIXTURES.get(quality, {}).get(c, 0.0) for c in CONTROLLERS])
+    mixture = jnp.asarray(shares)
 
     def episode(key, controller, epsilon):
         key, reset_key = jax.random.split(key)
@@ -657,8 +1137,8 @@ def generate_smax_dataset(path, map_name, quality, episodes, seed, chunk=250):
         return final, rows
 
     rollout = jax.jit(jax.vmap(episode))
-    if quality == "mixed":
-        counts = np.floor(np.array([MIXTURE[c] for c in CONTROLLERS]) * episodes).astype(int)
+    if quality in MIXTURES:
+        counts = np.floor(shares * episodes).astype(int)
         counts[0] += episodes - counts.sum()
         controllers, epsilons = np.repeat(np.arange(len(CONTROLLERS)), counts), np.zeros(episodes)
     else:
@@ -667,245 +1147,71 @@ def generate_smax_dataset(path, map_name, quality, episodes, seed, chunk=250):
     for start in range(0, episodes, chunk):
         key, chunk_key = jax.random.split(key)
         ctrl, eps = (jnp.asarray(x[start : start + chunk]) for x in (controllers, epsilons.astype(np.float32)))
-        final, (obs, state, avail, actions, reward, terminated, won, active, disagree) = rollout(jax.random.split(chunk_key, len(eps)), ctrl, eps)
+        final, (obs, state, avail, actions, reward, terminated, won, active, disagree) = rollout(
+            jax.random.split(chunk_key, len(eps)), ctrl, eps
+        )
         obs, state, avail = (jnp.concatenate([x, f[:, None]], 1) for x, f in zip((obs, state, avail), final))
         length = active.sum(1)  # steps taken; rows 0..length hold observations (filled), 0..length-1 transitions
         row = jnp.arange(limit + 1)[None]
         filled, acted = row <= length[:, None], row[:, :-1] < length[:, None]
         choice = disagree[:, :, 1] & acted[..., None]
-        parts.append({
-            "obs": np.asarray(obs * filled[..., None, None], np.float16), "state": np.asarray(state * filled[..., None], np.float16),
-            "avail_actions": np.asarray(avail & filled[..., None, None], np.uint8),
-            "actions": np.asarray(jnp.pad(actions * acted[..., None], ((0, 0), (0, 1), (0, 0))), np.int64)[..., None],
-            "reward": np.asarray(jnp.pad(reward * acted, ((0, 0), (0, 1))), np.float32)[..., None],
-            "terminated": np.asarray(jnp.pad(terminated & acted, ((0, 0), (0, 1))), np.uint8)[..., None],
-            "filled": np.asarray(filled, np.uint8)[..., None],
-            "won": np.asarray((won & active).any(1)), "length": np.asarray(length),
-            "disagree": np.asarray((disagree[:, :, 0] & choice).sum()), "choice": np.asarray(choice.sum()),
-        })
+        parts.append(
+            {
+                "obs": np.asarray(obs * filled[..., None, None], np.float16),
+                "state": np.asarray(state * filled[..., None], np.float16),
+                "avail_actions": np.asarray(avail & filled[..., None, None], np.uint8),
+                "actions": np.asarray(jnp.pad(actions * acted[..., None], ((0, 0), (0, 1), (0, 0))), np.int64)[
+                    ..., None
+                ],
+                "reward": np.asarray(jnp.pad(reward * acted, ((0, 0), (0, 1))), np.float32)[..., None],
+                "terminated": np.asarray(jnp.pad(terminated & acted, ((0, 0), (0, 1))), np.uint8)[..., None],
+                "filled": np.asarray(filled, np.uint8)[..., None],
+                "won": np.asarray((won & active).any(1)),
+                "length": np.asarray(length),
+                "disagree": np.asarray((disagree[:, :, 0] & choice).sum()),
+                "choice": np.asarray(choice.sum()),
+            }
+        )
     data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k not in ("disagree", "choice")}
     data["controller"] = controllers.astype(np.int64)
     not_majority = float(sum(p["disagree"] for p in parts) / max(sum(p["choice"] for p in parts), 1))
-    win_rates = np.array([data["won"][controllers == c].mean() if (controllers == c).any() else np.nan for c in range(len(CONTROLLERS))])
+    win_rates = np.array(
+        [data["won"][controllers == c].mean() if (controllers == c).any() else np.nan for c in range(len(CONTROLLERS))]
+    )
     for c, name in enumerate(CONTROLLERS):
         if (controllers == c).any():
             print(f"  {name}: {(controllers == c).sum()} episodes, win rate {win_rates[c]:.3f}")
-    print(f"  good action is not the behaviour mixture's most probable action at {not_majority:.3f} of the (state, agent) pairs with a choice")
+    if quality in MIXTURES:  # against the mixture's own controllers: meaningless for a single-controller dataset
+        print(
+            f"  good action is not the behaviour mixture's most probable action at {not_majority:.3f} of the "
+            "(state, agent) pairs with a choice"
+        )
     rows = int(data["length"].max()) + 1
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with h5py.File(path + ".tmp", "w") as f:
         for k in DATA_KEYS:
             f.create_dataset(k, data=data[k][:, :rows], compression="lzf", chunks=True)
         f.create_dataset("controller", data=data["controller"])
-        f.attrs.update(map_name=map_name, backend="smax", episode_limit=limit, quality=quality, seed=seed, version=2,
-                       behaviour_win_rate=float(data["won"].mean()), behaviour_mean_return=float(data["reward"].sum((1, 2)).mean()),
-                       controller_names=list(CONTROLLERS), controller_win_rates=win_rates, mixture=[MIXTURE[c] for c in CONTROLLERS],
-                       good_not_majority_fraction=not_majority,
-                       jaxmarl_version=getattr(jaxmarl, "__version__", "unknown"), episodes=episodes,
-                       state_normalisation="per unit: positions / map size, cooldown / max cooldown; team and type ids dropped")
+        f.attrs.update(
+            map_name=map_name,
+            backend="smax",
+            episode_limit=limit,
+            quality=quality,
+            seed=seed,
+            version=2,
+            behaviour_win_rate=float(data["won"].mean()),
+            behaviour_mean_return=float(data["reward"].sum((1, 2)).mean()),
+            controller_names=list(CONTROLLERS),
+            controller_win_rates=win_rates,
+            mixture=shares,
+            good_not_majority_fraction=not_majority if quality in MIXTURES else np.nan,
+            jaxmarl_version=getattr(jaxmarl, "__version__", "unknown"),
+            episodes=episodes,
+            state_normalisation="per unit: positions / map size, cooldown / max cooldown; team and type ids dropped",
+        )
     os.replace(path + ".tmp", path)
     return float(data["won"].mean()), float(data["reward"].sum((1, 2)).mean()), not_majority
 
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(line_buffering=True)  # progress lines reach nohup / SLURM logs as they happen
-    args = validate_args(tyro.cli(Args))
-    checkpoint = None
-    if args.resume is not None:
-        if not os.path.isfile(args.resume):
-            fail(f"--resume {args.resume}: no such checkpoint")
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
-        saved = checkpoint["args"]
-        if (saved["map"], saved["dataset"], saved["quality"], saved.get("actor_hidden", 64)) != (args.map, args.dataset, args.quality, args.actor_hidden):
-            fail(f"--resume {args.resume} was trained on map {saved['map']} with dataset {saved['dataset'] or saved['quality']} and "
-                 f"--actor-hidden {saved.get('actor_hidden', 64)}; pass the same --map/--dataset/--quality/--actor-hidden")
-        args.run_name = args.run_name or os.path.basename(os.path.dirname(os.path.abspath(args.resume)))
-    if args.dataset is not None and not os.path.isfile(args.dataset):
-        fail(f"--dataset {args.dataset}: no such file")
-    run_name = args.run_name or f"{args.map}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = f"runs/{run_name}"
-    ckpt_path = f"{run_dir}/checkpoint.pt"
-
-    # TRY NOT TO MODIFY: seeding
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    # Environment and data
-    backend, adapter = make_adapter(args.env_backend, args.map, args.seed)
-    dataset_path = args.dataset
-    if dataset_path is None:
-        if backend != "smax":
-            fail(f"--env-backend {backend} needs --dataset PATH.h5 (PyMARL episode layout, recorded on this StarCraft II version)")
-        dataset_path = f"datasets/smax_{args.map}_{args.quality}_v2.h5"  # v2: strategy-mixed `mixed`, controller ids
-        if not os.path.isfile(dataset_path):
-            gen_start = time.time()
-            print(f"generating {dataset_path} ({args.dataset_episodes} episodes):")
-            win_rate, mean_return, _ = generate_smax_dataset(dataset_path, args.map, args.quality, args.dataset_episodes, seed=0)
-            print(f"generated {dataset_path}: {args.dataset_episodes} episodes in {time.time() - gen_start:.1f}s, "
-                  f"behaviour win rate {win_rate:.3f}, mean return {mean_return:.3f}")
-    reward_scale = args.reward_scale if args.reward_scale is not None else (10.0 if backend == "smax" else 1.0)
-    data = load_dataset(dataset_path, adapter.info, args.map, backend, device, reward_scale, adapter.raw_state)
-    dataset_return = float((data["reward"] * data["mask"]).sum(1).mean()) / reward_scale
-    num_episodes, (n_agents, n_actions) = data["obs"].shape[0], (adapter.info["n_agents"], adapter.info["n_actions"])
-    obs_dim, state_dim = adapter.info["obs_shape"], adapter.info["state_shape"]
-    print(f"{num_episodes} episodes, {int(data['mask'].sum())} transitions from {dataset_path}; backend {backend}, map {args.map}; "
-          f"mean episode return {dataset_return:.3f}, rewards x {reward_scale:g} for training")
-
-    actor = Actor(obs_dim, n_actions, n_agents, args.actor_hidden).to(device)
-    critic = Critic(state_dim, obs_dim, n_actions, n_agents).to(device)
-    mixer = Mixer(state_dim, n_agents, bias=args.mixer_bias).to(device)
-    critic_target_net, mixer_target = copy.deepcopy(critic).requires_grad_(False), copy.deepcopy(mixer).requires_grad_(False)
-    critic_params = list(critic.parameters()) + list(mixer.parameters())
-    actor_optimizer = torch.optim.RMSprop(actor.parameters(), lr=args.actor_lr, alpha=0.99, eps=1e-5)
-    critic_optimizer = torch.optim.RMSprop(critic_params, lr=args.critic_lr, alpha=0.99, eps=1e-5)
-    modules = {"actor": actor, "critic": critic, "mixer": mixer, "critic_target": critic_target_net, "mixer_target": mixer_target,
-               "actor_optimizer": actor_optimizer, "critic_optimizer": critic_optimizer}
-    if args.normalizer == "behavior":  # mu_i for the exact Z: a recurrent policy with the actor's inputs, trained by exact BC
-        behavior = Actor(obs_dim, n_actions, n_agents, args.actor_hidden).to(device)
-        behavior_optimizer = torch.optim.RMSprop(behavior.parameters(), lr=args.actor_lr, alpha=0.99, eps=1e-5)
-        modules.update(behavior=behavior, behavior_optimizer=behavior_optimizer)
-
-    start_step, evaluations, critic_steps, last_target_update = 0, [], 0, 0
-    if checkpoint is not None:
-        for key, module in modules.items():
-            module.load_state_dict(checkpoint[key])
-        random.setstate(checkpoint["rng"]["python"])
-        np.random.set_state(checkpoint["rng"]["numpy"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-        start_step, evaluations = checkpoint["step"], checkpoint["evaluations"]
-        critic_steps, last_target_update = checkpoint["critic_steps"], checkpoint["last_target_update"]
-        print(f"resumed from {args.resume} at iteration {start_step}")
-
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-
-    def save_checkpoint(step):
-        state = {key: module.state_dict() for key, module in modules.items()}
-        state["rng"] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
-        state.update(step=step, args=vars(args), evaluations=evaluations, critic_steps=critic_steps, last_target_update=last_target_update)
-        torch.save(state, ckpt_path + ".tmp")
-        os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash mid-save leaves the previous checkpoint intact
-
-    def check_finite(nonfinite_step):
-        if int(nonfinite_step) >= 0:
-            kept = f"the last checkpoint {ckpt_path} is unchanged; continue with --resume {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written (use --save-model)"
-            fail(f"non-finite loss (NaN or inf) at iteration {int(nonfinite_step)}; training stopped, {kept}")
-
-    def clipped_step(optimizer, loss, params):
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, args.grad_clip)
-        optimizer.step()
-
-    def q_tot(state, obs, actions):
-        k, b = mixer(state)
-        return (k * critic(state, obs).gather(-1, actions.unsqueeze(-1)).squeeze(-1)).sum(-1) + b
-
-    nonfinite_step = torch.full((), -1, device=device)  # first iteration with a NaN/inf loss, read only at log intervals
-    start_time, eval_seconds = time.time(), 0.0
-    for step in range(start_step + 1, args.total_steps + 1):
-        # A batch of distinct episodes, cut to the longest one (one host sync: the cut length decides the loop length).
-        idx = torch.randperm(num_episodes, device=device)[: args.batch_size]
-        rows = int(data["rows"][idx].max())
-        obs, state = data["obs"][idx, :rows].float(), data["state"][idx, :rows].float()
-        actions, avail = data["actions"][idx, :rows], data["avail"][idx, :rows]
-        reward, terminated, mask = (data[k][idx, : rows - 1] for k in ("reward", "terminated", "mask"))
-        maskf, valid = mask.float(), mask.bool()
-        log_mu = None
-        if args.normalizer == "behavior":  # mu_i(.|tau_i) at every row: the actor's rows t and the target's rows t + 1
-            mu_logits, _ = behavior(obs, previous_actions_onehot(actions, n_actions))
-            log_mu = masked_log_softmax(mu_logits, avail)[0].detach()
-
-        # Critic: regress Q_tot(s_t, a_t) on the TD(lambda) target of eq. 20, built once from the target networks, which
-        # run on the rows the transitions bootstrap from (t + 1 of each valid t) only; every network skips the padding.
-        with torch.no_grad():
-            target_q, k_target, b_target = on_rows(F.pad(valid, (1, 0)), lambda s, o: (critic_target_net(s, o), *mixer_target(s)), state, obs)
-            targets, rho = critic_targets(target_q, actions, k_target, b_target, reward, terminated, mask,
-                                          args.gamma, args.td_lambda, args.critic_alpha, log_mu)
-        # sequential: the authors' COMA-style loop, one optimiser step per timestep; batched: one step over all of them
-        for index in critic_step_rows(valid, args.critic_updates == "sequential"):
-            critic_loss = ((q_tot(state[index], obs[index], actions[index]) - targets[index]) ** 2).mean()
-            clipped_step(critic_optimizer, critic_loss, critic_params)
-            critic_steps += 1
-        if critic_steps - last_target_update >= args.target_update_interval:
-            critic_target_net.load_state_dict(critic.state_dict())
-            mixer_target.load_state_dict(mixer.state_dict())
-            last_target_update = critic_steps
-
-        # Actor: weighted behaviour cloning with the just-updated critic; the last action of step t-1 is an input at t.
-        with torch.no_grad():
-            q_values, k = on_rows(valid, lambda s, o: (critic(s, o), mixer(s)[0]), state[:, :-1], obs[:, :-1])
-        last_actions = previous_actions_onehot(actions[:, :-1], n_actions)
-        logits, _ = actor(obs[:, :-1], last_actions)
-        policy_loss, actor_weights = actor_loss(logits, avail[:, :-1], actions[:, :-1], q_values, k, mask, args.alpha,
-                                                args.mixer_weight_in_exponent, None if log_mu is None else log_mu[:, :-1])
-        clipped_step(actor_optimizer, policy_loss, list(actor.parameters()))
-        if args.normalizer == "behavior":  # exact BC of mu_i on the same batch, after its weights were read
-            behavior_loss, _ = actor_loss(mu_logits[:, :-1], avail[:, :-1], actions[:, :-1], q_values, k, mask, float("inf"))
-            clipped_step(behavior_optimizer, behavior_loss, list(behavior.parameters()))
-        nonfinite_step = torch.where((nonfinite_step < 0) & ~torch.isfinite(critic_loss + policy_loss), step, nonfinite_step)
-
-        if step % args.log_interval == 0:
-            check_finite(nonfinite_step)
-            its = (step - start_step) / (time.time() - start_time - eval_seconds)
-            q_mean = (q_values.gather(-1, actions[:, :-1].unsqueeze(-1)).squeeze(-1) * maskf.unsqueeze(-1)).sum() / (maskf.sum() * n_agents)
-            writer.add_scalar("losses/critic_loss", critic_loss.item(), step)
-            writer.add_scalar("losses/actor_loss", policy_loss.item(), step)
-            writer.add_scalar("losses/q_values", q_mean.item(), step)
-            # spread of the ICQ weights (eq. 19 and Sec. 4.3): near 1 everywhere means ICQ-MA is doing plain (SARSA / BC)
-            valid_weights, valid_rho = actor_weights[mask.bool()], rho[rho > 0]
-            spread = {"actor_weight_max": valid_weights.max(), "actor_weight_std": valid_weights.std(), "rho_max": rho.max(), "rho_std": valid_rho.std(),
-                      # effective sample size of the actor weights, as a fraction of the batch's (t, i) pairs
-                      "actor_weight_ess": valid_weights.sum() ** 2 / (valid_weights.numel() * (valid_weights**2).sum())}
-            if args.normalizer == "behavior":
-                spread["behavior_loss"] = behavior_loss
-            spread = {key: value.item() for key, value in spread.items()}
-            for key, value in spread.items():
-                writer.add_scalar(f"losses/{key}", value, step)
-            writer.add_scalar("charts/SPS", its, step)
-            print(f"step {step}/{args.total_steps} | critic {critic_loss.item():.4f} | actor {policy_loss.item():.4f} | q {q_mean.item():.3f} | "
-                  f"weight max {spread['actor_weight_max']:.2f} std {spread['actor_weight_std']:.3f} ess {spread['actor_weight_ess']:.3f} | rho max {spread['rho_max']:.3f} | {its:.2f} it/s")
-
-        if step % args.eval_interval == 0 or step == args.total_steps:
-            check_finite(nonfinite_step)
-            eval_start = time.time()
-            win_rate, mean_return = evaluate(actor, adapter, args.eval_episodes, args.seed + 10_000, device, args.eval_sample)
-            eval_seconds += time.time() - eval_start
-            evaluations.append({"step": step, "win_rate": win_rate, "return": mean_return})
-            writer.add_scalar("eval/win_rate", win_rate, step)
-            writer.add_scalar("eval/return", mean_return, step)
-            print(f"eval step {step}: win rate {win_rate:.3f}, return {mean_return:.3f} ({args.eval_episodes} episodes, {time.time() - eval_start:.1f}s)")
-            if args.save_model:
-                save_checkpoint(step)
-
-    wall_seconds = time.time() - start_time
-    summary = {
-        "args": vars(args),
-        "run_name": run_name,
-        "backend": backend,
-        "dataset": dataset_path,
-        "dataset_return": dataset_return,
-        "reward_scale": reward_scale,
-        "final_win_rate": evaluations[-1]["win_rate"] if evaluations else None,
-        "best_win_rate": max(e["win_rate"] for e in evaluations) if evaluations else None,
-        "final_return": evaluations[-1]["return"] if evaluations else None,
-        "iterations_per_second": (args.total_steps - start_step) / max(wall_seconds - eval_seconds, 1e-9),
-        "wall_seconds": wall_seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "evaluations": evaluations,
-    }
-    with open(f"{run_dir}/summary.json", "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"done: final win rate {summary['final_win_rate']}, best {summary['best_win_rate']}, summary in {run_dir}/summary.json")
-    writer.close()
+    main(tyro.cli(Args, description=__doc__.split("\n\n")[0]))

@@ -1,13 +1,18 @@
 """icq_ma_smac.py: the ICQ-MA math (spec section 5), the env adapters, and tiny end-to-end runs (no network)."""
+
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import h5py
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, assert_user_error, run_script
 
-from conftest import assert_user_error, run_script
 from icq_ma_smac import (
     CONTROLLERS,
     Actor,
@@ -17,13 +22,14 @@ from icq_ma_smac import (
     SmaxAdapter,
     actor_loss,
     behavior_weights,
-    critic_step_rows,
+    critic_loss,
     critic_targets,
+    episodes_per_timestep,
     evaluate,
     generate_smax_dataset,
     icq_weights,
     load_dataset,
-    on_rows,
+    on_valid_rows,
     previous_actions_onehot,
     td_lambda_targets,
     transition_mask,
@@ -116,26 +122,33 @@ def test_critic_never_reads_q_outside_the_data():
     base = critic_targets(target_q, actions, k, bias, rewards, terminated, mask, 0.99, 0.75, 1.0)[0]
     poisoned = torch.full_like(target_q, 1e6)
     poisoned.scatter_(-1, actions.unsqueeze(-1), target_q.gather(-1, actions.unsqueeze(-1)))
-    torch.testing.assert_close(critic_targets(poisoned, actions, k, bias, rewards, terminated, mask, 0.99, 0.75, 1.0)[0], base)
+    torch.testing.assert_close(
+        critic_targets(poisoned, actions, k, bias, rewards, terminated, mask, 0.99, 0.75, 1.0)[0], base
+    )
     # ... and the dataset action's value at a bootstrapped row does matter
     changed = target_q.clone()
     changed[0, 2, 0, actions[0, 2, 0]] += 5.0
-    assert not torch.allclose(critic_targets(changed, actions, k, bias, rewards, terminated, mask, 0.99, 0.75, 1.0)[0], base)
+    assert not torch.allclose(
+        critic_targets(changed, actions, k, bias, rewards, terminated, mask, 0.99, 0.75, 1.0)[0], base
+    )
 
 
 @pytest.mark.parametrize("sequential", [True, False])
 def test_valid_rows_only_match_the_padded_batch(sequential):
-    """The training loop runs the target critic, the critic steps and the actor-side Q on valid rows only (on_rows,
-    critic_step_rows): the targets, each critic step's loss and gradient, and the actor loss equal the padded batch's,
-    whatever the padding rows hold."""
+    """The training loop runs the target critic, the critic steps and the actor-side Q on valid rows only
+    (on_valid_rows, episodes_per_timestep): the targets, each critic step's loss and gradient, and the actor loss
+    equal the padded batch's, whatever the padding rows hold."""
     torch.manual_seed(0)
-    B, T, N, A, S, O = 5, 8, 3, 6, 7, 4
+    B, T, N, A, S, OBS_DIM = 5, 8, 3, 6, 7, 4
     rewards, terminated, mask, _ = random_episodes(B, T)  # lengths 7, 3, 5, 1, 6: the unterminated one bootstraps
     valid = mask.bool()
-    state, obs, actions = torch.randn(B, T, S), torch.randn(B, T, N, O), torch.randint(A, (B, T, N))
+    state, obs, actions = torch.randn(B, T, S), torch.randn(B, T, N, OBS_DIM), torch.randint(A, (B, T, N))
     read = F.pad(valid, (1, 0)) | F.pad(valid, (0, 1))
-    state[~read], obs[~read] = 1e3, -1e3  # junk in the padding: the padded computation masks it, the packed one skips it
-    critic, mixer = Critic(S, O, A, N), Mixer(S, N)
+    state[~read], obs[~read] = (
+        1e3,
+        -1e3,
+    )  # junk in the padding: the padded computation masks it, the packed one skips it
+    critic, mixer = Critic(S, OBS_DIM, A, N), Mixer(S, N)
     params = list(critic.parameters()) + list(mixer.parameters())
 
     def q_tot(s, o, a):
@@ -143,36 +156,49 @@ def test_valid_rows_only_match_the_padded_batch(sequential):
         return (k * critic(s, o).gather(-1, a.unsqueeze(-1)).squeeze(-1)).sum(-1) + b
 
     with torch.no_grad():
-        padded, rho = critic_targets(critic(state, obs), actions, *mixer(state), rewards, terminated, mask, 0.99, 0.75, 1.0)
-        packed_q, k, b = on_rows(F.pad(valid, (1, 0)), lambda s, o: (critic(s, o), *mixer(s)), state, obs)
+        padded, rho = critic_targets(
+            critic(state, obs), actions, *mixer(state), rewards, terminated, mask, 0.99, 0.75, 1.0
+        )
+        packed_q = on_valid_rows(critic, F.pad(valid, (1, 0)), state, obs)
+        k, b = on_valid_rows(mixer, F.pad(valid, (1, 0)), state)
         packed, packed_rho = critic_targets(packed_q, actions, k, b, rewards, terminated, mask, 0.99, 0.75, 1.0)
     torch.testing.assert_close(packed, padded)
     torch.testing.assert_close(packed_rho, rho)
 
-    steps = critic_step_rows(valid, sequential)
+    if sequential:  # the training loop's steps: one per timestep with valid episodes
+        steps = [(e, torch.full_like(e, t)) for t, e in enumerate(episodes_per_timestep(valid)) if len(e)]
+    else:
+        steps = [valid.nonzero(as_tuple=True)]
     if sequential:  # the loop before packing: every episode at each timestep, masked
-        expected = [((q_tot(state[:, t], obs[:, t], actions[:, t]) - padded[:, t]) ** 2 * mask[:, t]).sum() / mask[:, t].sum()
-                    for t in range(T - 1)]
+        expected = [
+            ((q_tot(state[:, t], obs[:, t], actions[:, t]) - padded[:, t]) ** 2 * mask[:, t]).sum() / mask[:, t].sum()
+            for t in range(T - 1)
+        ]
         assert [e.tolist() for e, _ in steps] == [valid[:, t].nonzero().squeeze(1).tolist() for t in range(T - 1)]
     else:
         expected = [((q_tot(state[:, :-1], obs[:, :-1], actions[:, :-1]) - padded) ** 2 * mask).sum() / mask.sum()]
     assert len(steps) == len(expected)
     for index, want in zip(steps, expected):
-        got = ((q_tot(state[index], obs[index], actions[index]) - packed[index]) ** 2).mean()
+        got = critic_loss(critic, mixer, state[index], obs[index], actions[index], packed[index])
         torch.testing.assert_close(got, want)
         for g_got, g_want in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
             torch.testing.assert_close(g_got, g_want)
 
     with torch.no_grad():
-        q_values, k = on_rows(valid, lambda s, o: (critic(s, o), mixer(s)[0]), state[:, :-1], obs[:, :-1])
+        q_values, k = (
+            on_valid_rows(critic, valid, state[:, :-1], obs[:, :-1]),
+            on_valid_rows(mixer, valid, state[:, :-1])[0],
+        )
         full_q, full_k = critic(state[:, :-1], obs[:, :-1]), mixer(state[:, :-1])[0]
     logits, avail = torch.randn(B, T - 1, N, A), torch.ones(B, T - 1, N, A, dtype=torch.bool)
-    torch.testing.assert_close(actor_loss(logits, avail, actions[:, :-1], q_values, k, mask, 0.1)[0],
-                               actor_loss(logits, avail, actions[:, :-1], full_q, full_k, mask, 0.1)[0])
+    torch.testing.assert_close(
+        actor_loss(logits, avail, actions[:, :-1], q_values, k, mask, 0.1)[0],
+        actor_loss(logits, avail, actions[:, :-1], full_q, full_k, mask, 0.1)[0],
+    )
     # a timestep without valid episodes gets no sequential step (the authors skip it)
     holed = valid.clone()
     holed[:, 2] = False
-    assert [int(t[0]) for _, t in critic_step_rows(holed, True)] == [0, 1, 3, 4, 5, 6]
+    assert [len(e) for e in episodes_per_timestep(holed)] == [5, 4, 0, 3, 3, 2, 1]  # lengths 7, 3, 5, 1, 6
 
 
 def test_behavior_weights_match_brute_force_and_average_one_under_mu():
@@ -190,11 +216,14 @@ def test_behavior_weights_match_brute_force_and_average_one_under_mu():
                 for j in range(3):
                     xd, mu = x[i, j].double(), log_mu[i, j].double().exp()  # float64: exp(x/T) reaches 1e70 here
                     z = sum(mu[b] * torch.exp(xd[b] / temperature) for b in range(5) if avail[i, j, b])
-                    torch.testing.assert_close(got[i, j].double(), torch.exp(xd[a] / temperature) / z, rtol=1e-4, atol=1e-6)
+                    torch.testing.assert_close(
+                        got[i, j].double(), torch.exp(xd[a] / temperature) / z, rtol=1e-4, atol=1e-6
+                    )
         every = torch.stack([behavior_weights(x, torch.full((7, 3), a), log_mu, temperature) for a in range(5)], -1)
         torch.testing.assert_close((log_mu.exp() * every).sum(-1), torch.ones(7, 3))  # exactly 1 in every state
-        shifted = behavior_weights(x + torch.randn(7, 3, 1, generator=g) * 100, torch.ones(7, 3, dtype=torch.long),
-                                   log_mu, temperature)  # a per-state baseline cancels
+        shifted = behavior_weights(
+            x + torch.randn(7, 3, 1, generator=g) * 100, torch.ones(7, 3, dtype=torch.long), log_mu, temperature
+        )  # a per-state baseline cancels
         torch.testing.assert_close(shifted, every[..., 1], rtol=1e-3, atol=1e-5)  # float32 logits of ~1e3
     assert torch.isfinite(behavior_weights(x * 1e4, torch.ones(7, 3, dtype=torch.long), log_mu, 1e-3)).all()
 
@@ -222,7 +251,9 @@ def test_behavior_rho_is_the_brute_force_joint_normaliser():
                 expected[b, t] = torch.exp(q_tot(actions[b, t]) / c) / z
     torch.testing.assert_close(rho, expected)
     q_tot_all = (k * target_q.gather(-1, actions.unsqueeze(-1)).squeeze(-1)).sum(-1) + bias
-    torch.testing.assert_close(got_targets, td_lambda_targets(rewards, terminated, mask, expected * q_tot_all, 0.99, 0.75))
+    torch.testing.assert_close(
+        got_targets, td_lambda_targets(rewards, terminated, mask, expected * q_tot_all, 0.99, 0.75)
+    )
     # a huge temperature is SARSA(lambda) here too: rho -> 1
     sarsa = critic_targets(target_q, actions, k, bias, rewards, terminated, mask, 0.99, 0.75, 1e12, log_mu)[0]
     torch.testing.assert_close(sarsa, td_lambda_targets(rewards, terminated, mask, q_tot_all, 0.99, 0.75))
@@ -236,7 +267,11 @@ def test_behavior_actor_weight_and_alpha_inf():
     torch.testing.assert_close(weight, behavior_weights(k.unsqueeze(-1) * q, actions, log_mu, 0.5) * m)
     loss, weight = actor_loss(logits, avail, actions, q * 100, k, mask, float("inf"), log_mu=log_mu)
     assert torch.equal(weight, m)  # alpha = inf stays exact BC under either normaliser
-    log_pi = torch.log_softmax(logits.detach().masked_fill(~avail, -torch.inf), -1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    log_pi = (
+        torch.log_softmax(logits.detach().masked_fill(~avail, -torch.inf), -1)
+        .gather(-1, actions.unsqueeze(-1))
+        .squeeze(-1)
+    )
     torch.testing.assert_close(loss, -(log_pi * m).sum() / m.sum())
 
 
@@ -304,7 +339,11 @@ def test_actor_loss_masks_padding_and_unavailable_actions():
 
 def test_actor_loss_is_weighted_behaviour_cloning():
     logits, avail, actions, q, k, mask = actor_inputs()
-    log_pi = torch.log_softmax(logits.detach().masked_fill(~avail, -torch.inf), -1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    log_pi = (
+        torch.log_softmax(logits.detach().masked_fill(~avail, -torch.inf), -1)
+        .gather(-1, actions.unsqueeze(-1))
+        .squeeze(-1)
+    )
     m = mask.unsqueeze(-1).expand_as(k)
     k_weighted = -(k * log_pi * m).sum() / m.sum()  # alpha -> inf: every batch-softmax weight is 1, k_i remains
     torch.testing.assert_close(actor_loss(logits, avail, actions, q, k, mask, 1e9)[0], k_weighted)
@@ -318,7 +357,11 @@ def test_actor_loss_is_weighted_behaviour_cloning():
 def test_alpha_inf_is_exact_behaviour_cloning(weight_in_exponent):
     """--alpha inf: every agent's log-likelihood has weight exactly 1, the mixer weight k_i included."""
     logits, avail, actions, q, k, mask = actor_inputs()
-    log_pi = torch.log_softmax(logits.detach().masked_fill(~avail, -torch.inf), -1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    log_pi = (
+        torch.log_softmax(logits.detach().masked_fill(~avail, -torch.inf), -1)
+        .gather(-1, actions.unsqueeze(-1))
+        .squeeze(-1)
+    )
     m = mask.unsqueeze(-1).expand_as(k)
     loss, weight = actor_loss(logits, avail, actions, q * 100, k, mask, float("inf"), weight_in_exponent)
     assert torch.equal(weight, m)  # exactly 1 on valid (t, i), 0 on padding
@@ -349,8 +392,9 @@ def train_matrix_game(alpha, iterations=300, episodes=200, seed=0, normalizer="b
     for _ in range(iterations):
         with torch.no_grad():
             k_target, b_target = mixer(state)
-            targets, _ = critic_targets(critic(state, obs), actions, k_target, b_target, reward, terminated, mask, 0.99, 0.75,
-                                        1000.0, log_mu)
+            targets, _ = critic_targets(
+                critic(state, obs), actions, k_target, b_target, reward, terminated, mask, 0.99, 0.75, 1000.0, log_mu
+            )
         k, b = mixer(state[:, :-1])
         q_tot = (k * critic(state[:, :-1], obs[:, :-1]).gather(-1, actions[:, :-1, :, None]).squeeze(-1)).sum(-1) + b
         critic_opt.zero_grad()
@@ -360,8 +404,16 @@ def train_matrix_game(alpha, iterations=300, episodes=200, seed=0, normalizer="b
         with torch.no_grad():
             q_values, (k, _) = critic(state[:, :-1], obs[:, :-1]), mixer(state[:, :-1])
         logits, _ = actor(obs[:, :-1], previous_actions_onehot(actions[:, :-1], 3))
-        loss, _ = actor_loss(logits, avail[:, :-1], actions[:, :-1], q_values, k, mask, alpha,
-                             log_mu=None if log_mu is None else log_mu[:, :-1])
+        loss, _ = actor_loss(
+            logits,
+            avail[:, :-1],
+            actions[:, :-1],
+            q_values,
+            k,
+            mask,
+            alpha,
+            log_mu=None if log_mu is None else log_mu[:, :-1],
+        )
         actor_opt.zero_grad()
         loss.backward()
         actor_opt.step()
@@ -447,16 +499,22 @@ def test_standin_smac_adapter_runs_an_evaluation(sample):
 # Command line (SMAX backend). JAX's compilation cache is shared by the runs of this file to keep it fast.
 @pytest.fixture(scope="module")
 def jax_env(tmp_path_factory):
-    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")), "SC2PATH": "/nonexistent/StarCraftII"}
+    return {
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+        "SC2PATH": "/nonexistent/StarCraftII",
+    }
 
 
 def write_pymarl_h5(path, episodes=6, rows=12, obs=OBS, state=STATE, seed=0, keys=None, nan_reward=False):
     """A PyMARL episode batch like the authors' <map>.h5: final obs row filled, timeouts stored as terminated."""
     rng = np.random.default_rng(seed)
     data = {
-        "obs": rng.random((episodes, rows, N_AGENTS, obs), dtype=np.float32), "state": rng.random((episodes, rows, state), dtype=np.float32),
-        "actions": np.zeros((episodes, rows, N_AGENTS, 1), np.int64), "avail_actions": np.zeros((episodes, rows, N_AGENTS, N_ACTIONS), np.int32),
-        "reward": np.zeros((episodes, rows, 1), np.float32), "terminated": np.zeros((episodes, rows, 1), np.uint8),
+        "obs": rng.random((episodes, rows, N_AGENTS, obs), dtype=np.float32),
+        "state": rng.random((episodes, rows, state), dtype=np.float32),
+        "actions": np.zeros((episodes, rows, N_AGENTS, 1), np.int64),
+        "avail_actions": np.zeros((episodes, rows, N_AGENTS, N_ACTIONS), np.int32),
+        "reward": np.zeros((episodes, rows, 1), np.float32),
+        "terminated": np.zeros((episodes, rows, 1), np.uint8),
         "filled": np.zeros((episodes, rows, 1), np.int64),
     }
     for e in range(episodes):
@@ -480,35 +538,92 @@ def write_pymarl_h5(path, episodes=6, rows=12, obs=OBS, state=STATE, seed=0, key
 TINY = ("--total-steps", 4, "--batch-size", 4, "--eval-interval", 2, "--eval-episodes", 3, "--log-interval", 1)
 
 
-def test_pymarl_h5_trains_and_resume_is_exact(tmp_path, jax_env):
-    write_pymarl_h5(tmp_path / "3s_vs_5z.h5")
-    common = ("--env-backend", "smax", "--dataset", "3s_vs_5z.h5", "--save-model", "--actor-hidden", 16, *TINY)
-    run_script(SCRIPT, *common, "--run-name", "straight", "--critic-updates", "batched", "--target-update-interval", 2, cwd=tmp_path, env=jax_env)
-    half = list(common)
-    half[half.index("--total-steps") + 1] = 2
-    run_script(SCRIPT, *half, "--run-name", "resumed", "--critic-updates", "batched", "--target-update-interval", 2, cwd=tmp_path, env=jax_env)
-    out = run_script(SCRIPT, *common, "--resume", "runs/resumed/checkpoint.pt", "--critic-updates", "batched",
-                     "--target-update-interval", 2, cwd=tmp_path, env=jax_env)
-    assert "resumed from" in out.stdout
-    a = torch.load(tmp_path / "runs/straight/checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "runs/resumed/checkpoint.pt", weights_only=False)
-    assert a["step"] == b["step"] == 4 and a["critic_steps"] == b["critic_steps"] == 4
-    assert a["actor"]["gru.weight_hh_l0"].shape == (3 * 16, 16)  # --actor-hidden sets the GRU width
-    other_width = list(common)
-    other_width[other_width.index("--actor-hidden") + 1] = 32
-    assert_user_error(run_script(SCRIPT, *other_width, "--resume", "runs/resumed/checkpoint.pt", cwd=tmp_path, env=jax_env, check=False),
-                      "--actor-hidden 16", "pass the same")
+def assert_same_parameters(a, b):
     for key in ("actor", "critic", "mixer", "critic_target", "mixer_target"):
         for name, value in a[key].items():
             assert torch.equal(value, b[key][name]), f"{key}.{name} differs after resume"
+
+
+def test_pymarl_h5_trains_and_resume_is_exact(tmp_path, jax_env):
+    """A run stopped at iteration 2 and resumed with no other flag than --total-steps ends equal to a straight run:
+    --save-model, the critic mode, the target interval and the GRU width all come from the checkpoint."""
+    write_pymarl_h5(tmp_path / "3s_vs_5z.h5")
+    algo = ("--critic-updates", "batched", "--target-update-interval", 2, "--actor-hidden", 16, "--alpha", 1)
+    common = ("--env-backend", "smax", "--dataset-path", "3s_vs_5z.h5", "--save-model", *algo, *TINY)
+    run_script(SCRIPT, *common, "--run-name", "straight", cwd=tmp_path, env=jax_env)
+    half = list(common)
+    half[half.index("--total-steps") + 1] = 2
+    run_script(SCRIPT, *half, "--run-name", "resumed", cwd=tmp_path, env=jax_env)
+    out = run_script(SCRIPT, "--resume", "runs/resumed/checkpoint.pt", "--total-steps", 4, cwd=tmp_path, env=jax_env)
+    assert "resumed from" in out.stdout and "run directory: runs/resumed/" in out.stdout
+    a = torch.load(tmp_path / "runs/straight/checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "runs/resumed/checkpoint.pt", weights_only=False)  # written: --save-model was restored
+    assert a["step"] == b["step"] == 4 and a["critic_steps"] == b["critic_steps"] == 4
+    assert a["actor"]["gru.weight_hh_l0"].shape == (3 * 16, 16)  # --actor-hidden sets the GRU width
+    assert_same_parameters(a, b)
     summary = json.loads((tmp_path / "runs/resumed/summary.json").read_text())
     assert [e["step"] for e in summary["evaluations"]] == [2, 4]  # the history survives the resume
+    assert summary["args"]["alpha"] == 1 and summary["args"]["eval_interval"] == 2 and not summary["interrupted"]
+    # a flag that changes the algorithm or the data is refused, naming the flag and both values
+    for flag_name, value, saved in (
+        ("--actor-hidden", 32, 16),
+        ("--alpha", 0.1, 1.0),
+        ("--normalizer", "behavior", "batch"),
+    ):
+        assert_user_error(
+            run_script(SCRIPT, "--resume", "runs/resumed/checkpoint.pt", flag_name, value, cwd=tmp_path, env=jax_env,
+                       check=False),
+            f"{flag_name} {value} given", f"trained with {flag_name} {saved}",
+        )  # fmt: skip
+
+
+def test_sigint_saves_the_run_and_resume_finishes_it_exactly(tmp_path, jax_env):
+    """Ctrl-C mid-training, between evaluations: checkpoint.pt and summary.json (interrupted) are written and the exit
+    names the resume command; resumed without flags, the run ends with the parameters of a straight run."""
+    write_pymarl_h5(tmp_path / "3s_vs_5z.h5")
+    common = ("--env-backend", "smax", "--dataset-path", "3s_vs_5z.h5", "--actor-hidden", 16, "--normalizer",
+              "behavior", "--total-steps", 40, "--batch-size", 4, "--eval-interval", 15, "--eval-episodes", 2,
+              "--log-interval", 1, "--save-model")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, str(ROOT / SCRIPT), *map(str, common), "--run-name", "cut"], cwd=tmp_path,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **jax_env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert "continue with: python icq_ma_smac.py --resume runs/cut/checkpoint.pt" in err
+    summary = json.loads((tmp_path / "runs/cut/summary.json").read_text())
+    assert summary["interrupted"] and 3 <= summary["step"] < 40
+    assert torch.load(tmp_path / "runs/cut/checkpoint.pt", weights_only=False)["step"] == summary["step"]
+    run_script(SCRIPT, "--resume", "runs/cut/checkpoint.pt", cwd=tmp_path, env=jax_env)
+    run_script(SCRIPT, *common, "--run-name", "straight", cwd=tmp_path, env=jax_env)
+    a = torch.load(tmp_path / "runs/straight/checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "runs/cut/checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 40
+    assert_same_parameters(a, b)
+    for name, value in a["behavior"].items():
+        assert torch.equal(value, b["behavior"][name])
+    summary = json.loads((tmp_path / "runs/cut/summary.json").read_text())
+    assert not summary["interrupted"] and [e["step"] for e in summary["evaluations"]] == [15, 30, 40]
 
 
 def test_behaviour_cloning_actor_does_not_depend_on_the_critic_updates(tmp_path, jax_env):
-    """benchmark.sh runs ICQ-MA's BC baseline with the cheap batched critic: with --alpha inf that must not change the actor."""
+    """benchmark.sh runs ICQ-MA's BC baseline with the cheap batched critic: with --alpha inf the actor is unchanged."""
     write_pymarl_h5(tmp_path / "3s_vs_5z.h5")
-    common = ("--env-backend", "smax", "--dataset", "3s_vs_5z.h5", "--save-model", "--alpha", "inf", "--actor-hidden", 16, *TINY)
+    common = (
+        "--env-backend",
+        "smax",
+        "--dataset-path",
+        "3s_vs_5z.h5",
+        "--save-model",
+        "--alpha",
+        "inf",
+        "--actor-hidden",
+        16,
+        *TINY,
+    )
     actors = {}
     for mode in ("sequential", "batched"):
         run_script(SCRIPT, *common, "--critic-updates", mode, "--run-name", mode, cwd=tmp_path, env=jax_env)
@@ -521,12 +636,38 @@ def test_behaviour_cloning_actor_does_not_depend_on_the_critic_updates(tmp_path,
 
 
 def test_tiny_smax_run_end_to_end(tmp_path, jax_env):
-    out = run_script(SCRIPT, "--map", "3s_vs_5z", "--alpha", 0.1, "--dataset-episodes", 6, "--run-name", "tiny", *TINY,
-                     cwd=tmp_path, env=jax_env)
+    out = run_script(
+        SCRIPT,
+        "--map",
+        "3s_vs_5z",
+        "--alpha",
+        0.1,
+        "--dataset-episodes",
+        6,
+        "--run-name",
+        "tiny",
+        *TINY,
+        cwd=tmp_path,
+        env=jax_env,
+    )
     assert out.stdout.count("env backend: smax") == 1  # auto says which backend, once
-    with h5py.File(tmp_path / "datasets/smax_3s_vs_5z_medium_v2.h5") as f:
+    assert "run directory: runs/tiny/" in out.stdout and "| ETA " in out.stdout
+    assert (
+        "Importing" not in out.stdout and "not the behaviour mixture" not in out.stdout
+    )  # no chatter, no mixed figure
+    assert "done: last-3 eval mean" in out.stdout
+    with h5py.File(tmp_path / "datasets/smax_3s_vs_5z_medium_6ep_v2.h5") as f:
         assert f["obs"].shape[0] == 6 and f["obs"].shape[2:] == (N_AGENTS, OBS) and f["state"].shape[2] == STATE
-        for attr in ("map_name", "backend", "episode_limit", "quality", "behaviour_win_rate", "behaviour_mean_return", "seed", "jaxmarl_version"):
+        for attr in (
+            "map_name",
+            "backend",
+            "episode_limit",
+            "quality",
+            "behaviour_win_rate",
+            "behaviour_mean_return",
+            "seed",
+            "jaxmarl_version",
+        ):
             assert attr in f.attrs
         assert f.attrs["episode_limit"] == 250 and f.attrs["quality"] == "medium"
         assert (f["controller"][:] == 0).all() and list(f.attrs["controller_names"])[0] == "focus_kite"
@@ -534,7 +675,14 @@ def test_tiny_smax_run_end_to_end(tmp_path, jax_env):
         assert f["obs"].shape[1] == filled.max()  # trimmed to the longest episode's rows
         assert np.abs(f["state"][:]).max() <= 1.0 + 1e-3  # normalised world state
     summary = json.loads((tmp_path / "runs/tiny/summary.json").read_text())
-    for key in ("final_win_rate", "best_win_rate", "final_return", "iterations_per_second", "wall_seconds", "peak_rss_mb"):
+    for key in (
+        "final_win_rate",
+        "best_win_rate",
+        "final_return",
+        "iterations_per_second",
+        "wall_seconds",
+        "peak_rss_mb",
+    ):
         assert summary[key] is not None, key
     assert 0 <= summary["final_win_rate"] <= summary["best_win_rate"] <= 1
     assert summary["reward_scale"] == 10.0 and summary["dataset_return"] >= 0  # SMAX rewards scaled to SMAC's
@@ -548,7 +696,9 @@ def test_tiny_smax_run_end_to_end(tmp_path, jax_env):
         (("--alpha", 0), ("--alpha", "> 0")),
         (("--env-backend", "smax", "--map", "MMM2"), ("unknown SMAX map 'MMM2'", "3s_vs_5z")),
         (("--env-backend", "smac"), ("pip install git+https://github.com/oxwhirl/smac.git", "SC2PATH")),
-        (("--dataset", "nope.h5"), ("nope.h5", "no such file")),
+        (("--dataset-path", "nope.h5"), ("nope.h5", "no such file")),
+        (("--total-steps", 0), ("--total-steps must be >= 1 (got 0)",)),
+        (("--td-lambda", 2), ("--td-lambda must be in [0, 1] (got 2.0)",)),
     ],
 )
 def test_bad_inputs_fast(tmp_path, jax_env, extra, fragments):
@@ -556,15 +706,36 @@ def test_bad_inputs_fast(tmp_path, jax_env, extra, fragments):
 
 
 def test_bad_datasets(tmp_path, jax_env):
+    (tmp_path / "text.h5").write_text("not an HDF5 file\n")
+    proc = run_script(
+        SCRIPT, "--env-backend", "smax", "--dataset-path", "text.h5", cwd=tmp_path, env=jax_env, check=False
+    )
+    assert_user_error(proc, "text.h5 is not an HDF5 file")
+    assert len(proc.stderr.strip().splitlines()) == 1
     write_pymarl_h5(tmp_path / "keys.h5", keys=("obs", "state", "actions"))
-    assert_user_error(run_script(SCRIPT, "--env-backend", "smax", "--dataset", "keys.h5", cwd=tmp_path, env=jax_env, check=False),
-                      "missing keys", "avail_actions", "filled")
+    assert_user_error(
+        run_script(
+            SCRIPT, "--env-backend", "smax", "--dataset-path", "keys.h5", cwd=tmp_path, env=jax_env, check=False
+        ),
+        "missing keys",
+        "avail_actions",
+        "filled",
+    )
     write_pymarl_h5(tmp_path / "dims.h5", obs=36)
-    assert_user_error(run_script(SCRIPT, "--env-backend", "smax", "--dataset", "dims.h5", cwd=tmp_path, env=jax_env, check=False),
-                      "obs_shape 36 (dataset) vs 101 (env)")
+    assert_user_error(
+        run_script(
+            SCRIPT, "--env-backend", "smax", "--dataset-path", "dims.h5", cwd=tmp_path, env=jax_env, check=False
+        ),
+        "obs_shape 36 (dataset) vs 101 (env)",
+    )
     write_pymarl_h5(tmp_path / "nan.h5", nan_reward=True)
-    assert_user_error(run_script(SCRIPT, "--env-backend", "smax", "--dataset", "nan.h5", *TINY, cwd=tmp_path, env=jax_env, check=False),
-                      "non-finite loss", "iteration 1")
+    assert_user_error(
+        run_script(
+            SCRIPT, "--env-backend", "smax", "--dataset-path", "nan.h5", *TINY, cwd=tmp_path, env=jax_env, check=False
+        ),
+        "non-finite loss",
+        "iteration 1",
+    )
 
 
 def test_raw_world_state_files_load_normalised(tmp_path):
@@ -583,17 +754,23 @@ def test_raw_world_state_files_load_normalised(tmp_path):
         state[:, 0] = raw  # the first row of each episode holds a real world state
         f["state"][...] = state
         reward = f["reward"][:]
-    data = load_dataset(str(tmp_path / "raw.h5"), adapter.info, "3s_vs_5z", "smax", torch.device("cpu"), 10.0, adapter.raw_state)
+    data = load_dataset(
+        str(tmp_path / "raw.h5"), adapter.info, "3s_vs_5z", "smax", torch.device("cpu"), 10.0, adapter.raw_state
+    )
     assert data["state"].shape[-1] == STATE
     np.testing.assert_allclose(data["state"][:, 0].numpy(), observed, atol=1e-6)
-    np.testing.assert_allclose(data["reward"].numpy(), reward[:, : data["reward"].shape[1], 0] * 10.0, rtol=1e-6)  # --reward-scale 10
+    np.testing.assert_allclose(
+        data["reward"].numpy(), reward[:, : data["reward"].shape[1], 0] * 10.0, rtol=1e-6
+    )  # --reward-scale 10
     write_pymarl_h5(tmp_path / "odd.h5", state=90)
     with pytest.raises(SystemExit, match="state_shape 90 \\(dataset\\) vs 80 \\(env, or 96 for its raw world state\\)"):
-        load_dataset(str(tmp_path / "odd.h5"), adapter.info, "3s_vs_5z", "smax", torch.device("cpu"), 1.0, adapter.raw_state)
+        load_dataset(
+            str(tmp_path / "odd.h5"), adapter.info, "3s_vs_5z", "smax", torch.device("cpu"), 1.0, adapter.raw_state
+        )
 
 
 def test_strategy_mixed_dataset(tmp_path, capfd):
-    """--quality mixed on 3m: every controller plays, its id is stored, its win rate printed, the good one is a minority."""
+    """--quality mixed on 3m: every controller plays, its id is stored, its win rate printed, good is a minority."""
     path = str(tmp_path / "mixed.h5")
     win_rate, _, not_majority = generate_smax_dataset(path, "3m", "mixed", 20, seed=0)
     out = capfd.readouterr().out
@@ -601,7 +778,9 @@ def test_strategy_mixed_dataset(tmp_path, capfd):
         assert list(f.attrs["controller_names"]) == list(CONTROLLERS)
         counts = np.bincount(f["controller"][:], minlength=len(CONTROLLERS))
         assert counts.sum() == 20 and (counts > 0).all() and counts[0] / 20 <= 0.25
-        assert f.attrs["good_not_majority_fraction"] == not_majority > 0.5  # a worse controller's action is the majority
+        assert (
+            f.attrs["good_not_majority_fraction"] == not_majority > 0.5
+        )  # a worse controller's action is the majority
         assert f.attrs["behaviour_win_rate"] == win_rate
     for name in CONTROLLERS:
         assert f"{name}: {counts[CONTROLLERS.index(name)]} episodes, win rate" in out
