@@ -1,4 +1,5 @@
 """Shared test helpers: run a script through its command line, as a user would."""
+
 import os
 import subprocess
 import sys
@@ -19,7 +20,9 @@ def run_script(script, *args, cwd, env=None, check=True, timeout=900):
         timeout=timeout,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{script} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"{script} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
