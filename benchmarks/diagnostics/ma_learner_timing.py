@@ -4,7 +4,7 @@ Three learners on the same batch, networks and optimisers, all sized and tuned b
 width, learning rates, gradient clip, temperatures):
   padded   icq_ma_smac.py's iteration before packing: target critic, critic and actor-side Q on every (episode, t) row
            of the batch cut to its longest episode (padding included);
-  packed   icq_ma_smac.py's iteration now: those three run on the valid rows only, scattered back (`on_rows`);
+  packed   icq_ma_smac.py's iteration now: those three run on the valid rows only, scattered back (`on_valid_rows`);
   authors  the authors' learner as published (PyMARL offpg_learner, see docs/icq_ma_smac.md): the agent GRU unrolled
            one timestep at a time with a GRUCell, an epsilon-floored policy, the target critic / critic / actor-side Q
            on all padded rows, batch softmaxes that include the padding, one critic step per timestep (sequential).
@@ -82,17 +82,21 @@ class Learner:
         valid = mask.bool()
         with torch.no_grad():
             if packed:
-                target_q, k_t, b_t = ma.on_rows(
-                    F.pad(valid, (1, 0)), lambda s, o: (self.critic_target(s, o), *self.mixer_target(s)), state, obs
-                )
+                next_rows = F.pad(valid, (1, 0))
+                target_q = ma.on_valid_rows(self.critic_target, next_rows, state, obs)
+                k_t, b_t = ma.on_valid_rows(self.mixer_target, next_rows, state)
             else:
                 target_q, (k_t, b_t) = self.critic_target(state, obs), self.mixer_target(state)
             targets, _ = ma.critic_targets(
                 target_q, actions, k_t, b_t, reward, terminated, mask, a.gamma, a.td_lambda, a.critic_alpha
             )
         if packed:  # the script's loop
-            for index in ma.critic_step_rows(valid, mode == "sequential"):
-                loss = ((self.q_tot(state[index], obs[index], actions[index]) - targets[index]) ** 2).mean()
+            if mode == "sequential":
+                indices = [(e, torch.full_like(e, t)) for t, e in enumerate(ma.episodes_per_timestep(valid)) if len(e)]
+            else:
+                indices = [valid.nonzero(as_tuple=True)]
+            for index in indices:
+                loss = ma.critic_loss(self.critic, self.mixer, state[index], obs[index], actions[index], targets[index])
                 self.step(self.critic_opt, loss, self.critic_params)
         elif mode == "sequential":  # the loop before packing
             maskf = mask.float()
@@ -106,9 +110,8 @@ class Learner:
             self.step(self.critic_opt, (error * mask).sum() / mask.sum(), self.critic_params)
         with torch.no_grad():
             if packed:
-                q_values, k = ma.on_rows(
-                    valid, lambda s, o: (self.critic(s, o), self.mixer(s)[0]), state[:, :-1], obs[:, :-1]
-                )
+                q_values = ma.on_valid_rows(self.critic, valid, state[:, :-1], obs[:, :-1])
+                k = ma.on_valid_rows(self.mixer, valid, state[:, :-1])[0]
             else:
                 q_values, k = self.critic(state[:, :-1], obs[:, :-1]), self.mixer(state[:, :-1])[0]
         logits, _ = self.actor(obs[:, :-1], ma.previous_actions_onehot(actions[:, :-1], self.n_actions))
