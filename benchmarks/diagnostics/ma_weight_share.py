@@ -7,7 +7,8 @@ episodes it prints, at the checkpoint's alpha: each controller's share of the (r
 (all timesteps and t < 5), the effective sample size of the batch softmaxes, and the mean / std of A_i. Then, with the
 checkpoint's critic and actor fixed, the mean weight per pair of each controller (files with controller ids) and of the
 rows whose taken action the actor finds unlikely (pi < 0.1: on epsilon-noise data mostly the random actions), for
-temperatures from 0.01 to 100, and by timestep the weight, A_i and the actor's probability of the taken action.
+temperatures from 0.01 to 100, and by timestep the weight, A_i and the actor's probability of the taken action. A
+checkpoint of --normalizer behavior is read with its per-state weights (its behaviour model gives Z).
 """
 
 import os
@@ -21,8 +22,9 @@ sys.path.insert(0, ROOT)
 import icq_ma_smac as m  # noqa: E402
 from benchmarks.floor import smax_cache_path  # noqa: E402
 
-# per batch: logits, avail, actions, q, k, mask, valid, controller id, t < 5, pi(a_i) < 0.1, A_i, t, pi(a_i)
-LOGITS, AVAIL, ACTIONS, Q, K, MASK, VALID, CID, EARLY, RARE, ADV, T, PI = range(13)
+# per batch: logits, avail, actions, q, k, mask, valid, controller id, t < 5, pi(a_i) < 0.1, A_i, t, pi(a_i), and
+# log mu (the checkpoint's behaviour model under --normalizer behavior, else None)
+LOGITS, AVAIL, ACTIONS, Q, K, MASK, VALID, CID, EARLY, RARE, ADV, T, PI, LOG_MU = range(14)
 
 
 def load_batches(ckpt, path, n_batches=40, batch_size=32):
@@ -41,6 +43,10 @@ def load_batches(ckpt, path, n_batches=40, batch_size=32):
     mixer = m.Mixer(info["state_shape"], n_agents)
     for net, key in ((actor, "actor"), (critic, "critic"), (mixer, "mixer")):
         net.load_state_dict(ckpt[key])
+    behavior = None
+    if args.get("normalizer") == "behavior":
+        behavior = m.Actor(info["obs_shape"], n_actions, n_agents, args["actor_hidden"])
+        behavior.load_state_dict(ckpt["behavior"])
     g = torch.Generator().manual_seed(0)
     batches = []
     with torch.no_grad():
@@ -57,7 +63,12 @@ def load_batches(ckpt, path, n_batches=40, batch_size=32):
             valid = mask.bool().unsqueeze(-1).expand_as(adv)
             cid = controller[idx].view(-1, 1, 1).expand_as(adv)
             t = torch.arange(r - 1).view(1, -1, 1).expand_as(adv)
-            batches.append((logits, avail, actions, q, k, mask, valid, cid, t < 5, pi_taken < 0.1, adv, t, pi_taken))
+            log_mu = None
+            if behavior is not None:
+                mu_logits, _ = behavior(obs[:, :-1], m.previous_actions_onehot(actions, n_actions))
+                log_mu = m.masked_log_softmax(mu_logits, avail)[0]
+            batches.append((logits, avail, actions, q, k, mask, valid, cid, t < 5, pi_taken < 0.1, adv, t, pi_taken,
+                            log_mu))  # fmt: skip
     return batches, names
 
 
@@ -71,7 +82,7 @@ def main(ckpt_path, path=None):
     present = [c for c in range(n_controllers) if any(bool((b[VALID] & (b[CID] == c)).any()) for b in batches)]
 
     def weights(alpha, in_exponent=False):
-        return [m.actor_loss(*b[: MASK + 1], alpha, in_exponent)[1] for b in batches]
+        return [m.actor_loss(*b[: MASK + 1], alpha, in_exponent, b[LOG_MU])[1] for b in batches]
 
     def mean_weight(ws, select):  # mean actor weight per (row, agent) pair of the pairs select(batch) picks
         total = sum(w[select(b) & b[VALID]].sum() for w, b in zip(ws, batches))
