@@ -134,47 +134,14 @@ SCHEDULE_FLAGS = (
 # r + gamma Q(s',a') - Q(s,a) has mean ~0 for every lander's actions, so it barely tells them apart (measured: no actor
 # T in 1..100 beat exact BC on the mixed data); Q(s, a), the paper's signal, does, at T = 30 (README, sweep).
 PRESETS = {
-    "locomotion": dict(
-        actor_signal="td",
-        batch_size=32,
-        alpha=600.0,
-        critic_alpha=600.0,
-        critic_weight_scale=0.5,
-        twin_q=False,
-        timeout_as_terminal=False,
-        eval_episodes=10,
-    ),
-    "adroit": dict(
-        actor_signal="td",
-        batch_size=32,
-        alpha=600.0,
-        critic_alpha=600.0,
-        critic_weight_scale=0.5,
-        twin_q=False,
-        timeout_as_terminal=False,
-        eval_episodes=10,
-    ),
-    "antmaze": dict(
-        actor_signal="td",
-        batch_size=1024,
-        alpha=10.0,
-        critic_alpha=10.0,
-        critic_weight_scale=1.0,
-        twin_q=True,
-        timeout_as_terminal=True,
-        eval_episodes=100,
-    ),
-    "lunarlander": dict(
-        actor_signal="q",
-        batch_size=256,
-        alpha=30.0,
-        critic_alpha=1000.0,
-        critic_weight_scale=1.0,
-        twin_q=False,
-        timeout_as_terminal=False,
-        eval_episodes=10,
-    ),
-}
+    "locomotion": dict(actor_signal="td", batch_size=32, alpha=600.0, critic_alpha=600.0, critic_weight_scale=0.5,
+                       twin_q=False, timeout_as_terminal=False, eval_episodes=10),
+    "antmaze": dict(actor_signal="td", batch_size=1024, alpha=10.0, critic_alpha=10.0, critic_weight_scale=1.0,
+                    twin_q=True, timeout_as_terminal=True, eval_episodes=100),
+    "lunarlander": dict(actor_signal="q", batch_size=256, alpha=30.0, critic_alpha=1000.0, critic_weight_scale=1.0,
+                        twin_q=False, timeout_as_terminal=False, eval_episodes=10),
+}  # fmt: skip
+PRESETS["adroit"] = PRESETS["locomotion"]  # the authors' ICQ_softmax settings serve both
 # D4RL reference returns (d4rl/infos.py), used only for an original D4RL file named as D4RL names its datasets.
 D4RL_REF_SCORES = {
     "hopper": (-20.272305, 3234.3),
