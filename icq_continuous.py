@@ -615,9 +615,9 @@ def normalized_score(refs, antmaze, mean_return, success_rate):
     return None if refs is None else 100.0 * (mean_return - refs[0]) / (refs[1] - refs[0])
 
 
-def duration(seconds):
-    """1h02m or 3m12s."""
-    seconds = int(seconds)
+def time_left(start_time, steps_done, steps_left):
+    """Time left at this process's rate so far, evaluations included: 1h02m or 3m12s."""
+    seconds = int((time.time() - start_time) / steps_done * steps_left)
     return (
         f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
     )
@@ -641,7 +641,6 @@ def main(args):
     # SIGINT / SIGTERM only set a flag: the loop finishes its update, then saves the run and exits.
     stop = {"signal": None}
     previous_handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum)) for s in STOP_SIGNALS}
-    # (the ETA of the whole run on each progress line comes from this process's rate, evaluations included)
     torch.set_num_threads(args.threads)
     checkpoint = None if args.resume is None else torch.load(args.resume, map_location="cpu", weights_only=False)
     dataset_name = (
@@ -827,7 +826,7 @@ def main(args):
 
         if step % args.log_interval == 0:
             check_finite(nonfinite_step)
-            eta = duration((time.time() - start_time) / (step - start_step) * (args.total_steps - step))
+            eta = time_left(start_time, step - start_step, args.total_steps - step)
             sps = int((step - start_step) / (time.time() - start_time - eval_seconds))
             writer.add_scalar("losses/critic_loss", loss_q.item(), step)
             writer.add_scalar("losses/actor_loss", loss_pi.item(), step)
@@ -867,7 +866,7 @@ def main(args):
             writer.add_scalar("eval/episodic_return", mean_return, step)
             if score is not None:
                 writer.add_scalar("eval/normalized_score", score, step)
-            eta = duration((time.time() - start_time) / (step - start_step) * (args.total_steps - step))
+            eta = time_left(start_time, step - start_step, args.total_steps - step)
             score_text = f", score {score:.1f}" if score is not None else ""
             print(f"eval step {step}: return {mean_return:.1f}{score_text} | ETA {eta}", flush=True)
             if args.save_model:

@@ -514,9 +514,9 @@ def normalized_score(minari_dataset, mean_return, builtin):
         return None
 
 
-def duration(seconds):
-    """1h02m or 3m12s."""
-    seconds = int(seconds)
+def time_left(start_time, steps_done, steps_left):
+    """Time left at this process's rate so far, evaluations included: 1h02m or 3m12s."""
+    seconds = int((time.time() - start_time) / steps_done * steps_left)
     return (
         f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
     )
@@ -781,8 +781,7 @@ def main(args):
                     flush=True,
                 )
             sps = int((step - start_step) / (time.time() - start_time - eval_seconds))
-            # ETA of the whole run from this process's rate so far, evaluations included
-            eta = duration((time.time() - start_time) / (step - start_step) * (args.total_steps - step))
+            eta = time_left(start_time, step - start_step, args.total_steps - step)
             writer.add_scalar("losses/critic_loss", loss_q.item(), step)
             writer.add_scalar("losses/actor_loss", loss_pi.item(), step)
             writer.add_scalar("losses/advantage", advantage.mean().item(), step)
@@ -808,7 +807,7 @@ def main(args):
             writer.add_scalar("eval/episodic_return", mean_return, step)
             if score is not None:
                 writer.add_scalar("eval/normalized_score", score, step)
-            eta = duration((time.time() - start_time) / (step - start_step) * (args.total_steps - step))
+            eta = time_left(start_time, step - start_step, args.total_steps - step)
             score_text = f", score {score:.1f}" if score is not None else ""
             print(f"eval step {step}: return {mean_return:.1f}{score_text} | ETA {eta}")
             if args.save_model:

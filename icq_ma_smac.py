@@ -551,8 +551,8 @@ def icq_weights(x, temperature, mask=None, dim=0):
 
 @torch.no_grad()
 def behavior_weights(x, actions, log_mu, temperature):
-    """The exact per-state weight exp(x(a)/T) / Z(tau), Z(tau) = sum_b mu(b|tau) exp(x(b)/T) (Sec. 3, eq. 7 with the
-    paper's own Z instead of the batch softmax), at the data action a, in log space.
+    """The exact per-state weight exp(x(a)/T) / Z(tau), Z(tau) = sum_b mu(b|tau) exp(x(b)/T): the paper's own Z of
+    pi* = mu exp(x/T) / Z instead of the batch softmax, at the data action a, in log space.
 
     x, log_mu: [..., A] (log_mu: the behaviour model's log-probabilities, -inf at unavailable actions); actions [...].
     Returns [...].
@@ -705,9 +705,9 @@ def evaluate(actor, adapter, episodes, seed, device, sample=False):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Training (Algorithm 2): each iteration samples episodes, runs the critic phase, then the actor phase.
-def duration(seconds):
-    """1h02m or 3m12s."""
-    seconds = int(seconds)
+def time_left(start_time, steps_done, steps_left):
+    """Time left at this process's rate so far, evaluations included: 1h02m or 3m12s."""
+    seconds = int((time.time() - start_time) / steps_done * steps_left)
     return (
         f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
     )
@@ -884,7 +884,7 @@ def main(args):
         for key, value in scalars.items():
             writer.add_scalar(f"losses/{key}", value, step)
         writer.add_scalar("charts/SPS", its, step)
-        eta = duration((time.time() - start_time) / (step - start_step) * (args.total_steps - step))
+        eta = time_left(start_time, step - start_step, args.total_steps - step)
         print(
             f"step {step}/{args.total_steps} | critic {scalars['critic_loss']:.4f} | actor {scalars['actor_loss']:.4f} "
             f"| q {scalars['q_values']:.3f} | weight max {scalars['actor_weight_max']:.2f} std "

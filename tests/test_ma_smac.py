@@ -267,11 +267,7 @@ def test_behavior_actor_weight_and_alpha_inf():
     torch.testing.assert_close(weight, behavior_weights(k.unsqueeze(-1) * q, actions, log_mu, 0.5) * m)
     loss, weight = actor_loss(logits, avail, actions, q * 100, k, mask, float("inf"), log_mu=log_mu)
     assert torch.equal(weight, m)  # alpha = inf stays exact BC under either normaliser
-    log_pi = (
-        torch.log_softmax(logits.detach().masked_fill(~avail, -torch.inf), -1)
-        .gather(-1, actions.unsqueeze(-1))
-        .squeeze(-1)
-    )
+    log_pi = taken_log_pi(logits, avail, actions)
     torch.testing.assert_close(loss, -(log_pi * m).sum() / m.sum())
 
 
@@ -325,6 +321,13 @@ def actor_inputs(seed=0, B=6, T=5, N=2, A=4):
     return logits, avail, actions, q, k / k.sum(-1, keepdim=True), mask
 
 
+def taken_log_pi(logits, avail, actions):
+    """log pi(a_i) over the available actions, written out independently of masked_log_softmax."""
+    return torch.log_softmax(logits.detach().masked_fill(~avail, -torch.inf), -1).gather(-1, actions.unsqueeze(-1))[
+        ..., 0
+    ]
+
+
 def test_actor_loss_masks_padding_and_unavailable_actions():
     logits, avail, actions, q, k, mask = actor_inputs()
     loss, _ = actor_loss(logits, avail, actions, q, k, mask, 0.1)
@@ -339,11 +342,7 @@ def test_actor_loss_masks_padding_and_unavailable_actions():
 
 def test_actor_loss_is_weighted_behaviour_cloning():
     logits, avail, actions, q, k, mask = actor_inputs()
-    log_pi = (
-        torch.log_softmax(logits.detach().masked_fill(~avail, -torch.inf), -1)
-        .gather(-1, actions.unsqueeze(-1))
-        .squeeze(-1)
-    )
+    log_pi = taken_log_pi(logits, avail, actions)
     m = mask.unsqueeze(-1).expand_as(k)
     k_weighted = -(k * log_pi * m).sum() / m.sum()  # alpha -> inf: every batch-softmax weight is 1, k_i remains
     torch.testing.assert_close(actor_loss(logits, avail, actions, q, k, mask, 1e9)[0], k_weighted)
@@ -357,11 +356,7 @@ def test_actor_loss_is_weighted_behaviour_cloning():
 def test_alpha_inf_is_exact_behaviour_cloning(weight_in_exponent):
     """--alpha inf: every agent's log-likelihood has weight exactly 1, the mixer weight k_i included."""
     logits, avail, actions, q, k, mask = actor_inputs()
-    log_pi = (
-        torch.log_softmax(logits.detach().masked_fill(~avail, -torch.inf), -1)
-        .gather(-1, actions.unsqueeze(-1))
-        .squeeze(-1)
-    )
+    log_pi = taken_log_pi(logits, avail, actions)
     m = mask.unsqueeze(-1).expand_as(k)
     loss, weight = actor_loss(logits, avail, actions, q * 100, k, mask, float("inf"), weight_in_exponent)
     assert torch.equal(weight, m)  # exactly 1 on valid (t, i), 0 on padding
