@@ -261,19 +261,20 @@ task() {  # task LIST INDEX: run line INDEX of LIST, logging to runs/logs/<run_n
     signal=$got
   done
   trap - TERM USR1 INT
-  if [ "$signal" = USR1 ] && [ -f "$checkpoint" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
-    # The time-limit warning: SLURM requeues only preempted or failed tasks, so this one requeues itself.
-    local job=$SLURM_JOB_ID  # an array task by its array name (the last task's SLURM_JOB_ID names the whole array)
-    [ -n "${SLURM_ARRAY_JOB_ID:-}" ] && job=${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID
-    echo "requeueing $name at its time limit (checkpoint $checkpoint)" >>"$log"
-    scontrol requeue "$job" || echo "warning: scontrol requeue $job failed" >&2
-  fi
   local outcome=done
   if [ "$rc" != 0 ]; then
     outcome="FAILED (exit $rc)"
     if [ -n "$signal" ]; then outcome="interrupted (SIG$signal, exit $rc)"; fi
   fi
   echo "$outcome $name in $(($(date +%s) - start))s, log $log"
+  if [ "$signal" = USR1 ] && [ -f "$checkpoint" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+    # The time-limit warning: SLURM requeues only preempted or failed tasks, so this one requeues itself. The requeue
+    # kills this shell at once, so the outcome line above comes first.
+    local job=$SLURM_JOB_ID  # an array task by its array name (the last task's SLURM_JOB_ID names the whole array)
+    [ -n "${SLURM_ARRAY_JOB_ID:-}" ] && job=${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID
+    echo "requeueing $name at its time limit (checkpoint $checkpoint)" >>"$log"
+    scontrol requeue "$job" || echo "warning: scontrol requeue $job failed" >&2
+  fi
   return $rc
 }
 
