@@ -15,6 +15,7 @@ from conftest import ROOT, assert_user_error, run_script
 
 from icq_ma_smac import (
     CONTROLLERS,
+    MIXTURES,
     Actor,
     Critic,
     Mixer,
@@ -764,18 +765,22 @@ def test_raw_world_state_files_load_normalised(tmp_path):
         )
 
 
-def test_strategy_mixed_dataset(tmp_path, capfd):
-    """--quality mixed on 3m: every controller plays, its id is stored, its win rate printed, good is a minority."""
+@pytest.mark.parametrize("quality", ["mixed", "split"])
+def test_strategy_mixed_dataset(tmp_path, capfd, quality):
+    """A strategy mixture on 3m: its controllers play their shares, ids stored, win rates printed, good a minority.
+    mixed: a worse controller's action is the majority at most states; split: a competent majority that agrees with the
+    good controller for half of its agents, so only at some states."""
     path = str(tmp_path / "mixed.h5")
-    win_rate, _, not_majority = generate_smax_dataset(path, "3m", "mixed", 20, seed=0)
+    win_rate, _, not_majority = generate_smax_dataset(path, "3m", quality, 20, seed=0)
     out = capfd.readouterr().out
+    shares = np.array([MIXTURES[quality].get(name, 0.0) for name in CONTROLLERS])
     with h5py.File(path) as f:
         assert list(f.attrs["controller_names"]) == list(CONTROLLERS)
         counts = np.bincount(f["controller"][:], minlength=len(CONTROLLERS))
-        assert counts.sum() == 20 and (counts > 0).all() and counts[0] / 20 <= 0.25
-        assert (
-            f.attrs["good_not_majority_fraction"] == not_majority > 0.5
-        )  # a worse controller's action is the majority
+        assert counts.tolist() == np.floor(shares * 20).astype(int).tolist() and counts[0] / 20 <= 0.25
+        assert f.attrs["good_not_majority_fraction"] == not_majority
+        assert not_majority > 0.5 if quality == "mixed" else 0 < not_majority < 0.5
         assert f.attrs["behaviour_win_rate"] == win_rate
     for name in CONTROLLERS:
-        assert f"{name}: {counts[CONTROLLERS.index(name)]} episodes, win rate" in out
+        if counts[CONTROLLERS.index(name)]:
+            assert f"{name}: {counts[CONTROLLERS.index(name)]} episodes, win rate" in out
