@@ -1,9 +1,9 @@
-"""Which scripted controller a trained ICQ-MA / BC actor imitates in its own greedy SMAX episodes (docs, 3s_vs_5z).
+"""Which scripted controller a trained ICQ-MA / BC actor imitates in its own greedy SMAX episodes (docs).
 
 usage: python benchmarks/diagnostics/ma_closed_loop.py CHECKPOINT [CHECKPOINT ...]
 Plays 128 greedy episodes of each checkpoint's actor on its map (the evaluation of icq_ma_smac.py) and, at every step of
 every alive agent with more than one available action, asks each deterministic controller of the data generator
-(focus_kite, spread, hold) what it would do in that state. Prints the win rate and, by timestep, the fraction of
+(focus_kite, spread, hold, split) what it would do in that state. Prints the win rate and, by timestep, the fraction of
 agent-steps whose action equals each controller's, and the fractions of attack / move / stop actions; then, for
 t < 60, how the actor's action kind compares with focus_kite's.
 """
@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import icq_ma_smac as m  # noqa: E402
 
 EPISODES, BUCKETS = 128, ((0, 5), (5, 20), (20, 60), (60, 250))
+COMPARED = [m.CONTROLLERS.index(name) for name in ("focus_kite", "spread", "hold", "split")]
 
 
 def kind(actions):  # 0 attack (5 + enemy), 1 move (0-3), 2 stop (4)
@@ -36,7 +37,7 @@ def closed_loop(path):
     actor.load_state_dict(ckpt["actor"])
     policies = jax.jit(jax.vmap(lambda state, avail: m.controller_policies(adapter.env, state, avail)))
     confusion = np.zeros((3, 3))  # focus_kite's kind x the actor's kind, t < 60
-    match, kinds, count = np.zeros((len(BUCKETS), 3)), np.zeros((len(BUCKETS), 3)), np.zeros(len(BUCKETS))
+    match, kinds, count = np.zeros((len(BUCKETS), len(COMPARED))), np.zeros((len(BUCKETS), 3)), np.zeros(len(BUCKETS))
     with torch.no_grad():
         obs, _, avail = adapter.reset(EPISODES, 10_000)
         last, h = torch.zeros(EPISODES, n_agents, n_actions), None
@@ -44,12 +45,12 @@ def closed_loop(path):
         for t in range(info["episode_limit"]):
             logits, h = actor(torch.as_tensor(obs)[:, None], last[:, None], h)
             act = m.masked_log_softmax(logits[:, 0], torch.as_tensor(avail))[0].argmax(-1)
-            controllers = np.asarray(policies(adapter.state, jax.numpy.asarray(avail))).argmax(-1)[:, :3]  # [n, 3, N]
+            controllers = np.asarray(policies(adapter.state, jax.numpy.asarray(avail))).argmax(-1)[:, COMPARED]
             a = act.numpy()
             choice = (avail.sum(-1) > 1) & active[:, None]  # [n, N]
             b = next(i for i, (lo, hi) in enumerate(BUCKETS) if lo <= t < hi)
             count[b] += choice.sum()
-            match[b] += [((controllers[:, c] == a) & choice).sum() for c in range(3)]
+            match[b] += [((controllers[:, c] == a) & choice).sum() for c in range(len(COMPARED))]
             kinds[b] += np.bincount(kind(a)[choice], minlength=3)
             if t < 60:
                 np.add.at(confusion, (kind(controllers[:, 0])[choice], kind(a)[choice]), 1)
@@ -60,7 +61,7 @@ def closed_loop(path):
             if not active.any():
                 break
     print(f"{path}: step {ckpt['step']}, alpha {args['alpha']}, {EPISODES} greedy episodes, win rate {won.mean():.3f}")
-    print("  t bucket    agent-steps  same as focus_kite / spread / hold   attack / move / stop")
+    print("  t bucket    agent-steps  same as focus_kite / spread / hold / split   attack / move / stop")
     for (lo, hi), n, mt, k in zip(BUCKETS, count, match, kinds):
         if n:
             same = " / ".join(f"{x / n:.3f}" for x in mt)

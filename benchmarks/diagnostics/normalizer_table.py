@@ -1,8 +1,9 @@
-"""Issue 15's table: ICQ-MA --normalizer behavior on SMAX 3s_vs_5z against the headline grid's batch and BC runs.
+"""Issue 15's table: ICQ-MA's two normalisers (--normalizer batch | behavior) against exact BC on SMAX.
 
 usage: python benchmarks/diagnostics/normalizer_table.py RUN [RUN ...]   (runs/<RUN>/summary.json, their event files)
-Writes benchmarks/normalizer.md (per-run last-3 mean, best, the actor weights' effective sample size) and
-benchmarks/normalizer_runs.json (every evaluation of every run), and one curve PNG per dataset.
+Default: every runs/h15_* run. Writes benchmarks/normalizer.md (per run: last-3 mean, best evaluation, the actor
+weights' effective sample size; per dataset and method: mean ± std over seeds), benchmarks/normalizer_runs.json (every
+evaluation of every run) and one curve PNG per dataset (mean ± std over seeds by iteration).
 """
 
 import glob
@@ -17,12 +18,33 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # benchmarks/headline.md (commit 16aa19e; the batch and BC code paths are bit-identical at this commit)
 HEADLINE = {"3s_vs_5z-medium": {"batch, alpha 0.1": (0.0139, 0.016), "exact BC": (0.271, 0.2)},
             "3s_vs_5z-mixed": {"batch, alpha 0.1": (0.0, 0.0), "exact BC": (0.00347, 0.006)}}  # fmt: skip
+METHODS = ("exact BC", "batch, alpha 0.1", "behavior, alpha 0.1")
+HEADER = """# ICQ-MA's normalisers (--normalizer batch | behavior) against exact BC on SMAX
+
+Per run: mean win rate of the last 3 evaluations (64 greedy episodes each), the best evaluation, and the mean over the
+run's log points of the actor weights' effective sample size (sum w)^2 / (n sum w^2) over the batch's valid (t, i)
+pairs (1 for exact BC, whose weights are all 1). Exact BC is `--alpha inf --critic-updates batched` (the critic does
+not reach the actor at alpha = inf).
+
+Data: 3s_vs_5z medium (focus-kite with 10 % random actions) and mixed (focus-kite plays 20 % of the episodes, most of
+the rest by controllers that lose); 2s3z mixed (the same mixture; focus-kite wins 0.75 there, the data 0.15) and split
+(focus-kite 20 %, a competent split-fire controller 80 % that wins 0.27; the data wins 0.365).
+
+Commits: the 3s_vs_5z seed-1 runs ran at abd542d, seeds 2 and 3 at 94bb08b's icq_ma_smac.py (training bit-identical to
+abd542d's for --normalizer behavior, checked on a short run); every 2s3z run at 57614bc (its training code is that of
+0180f46). Evaluations: 3s_vs_5z and 2s3z mixed every 300 iterations to 3,000; 2s3z split every 100 to 600. Machine:
+the 2-core build machine, two runs at a time (it/s are those of a shared machine).
+"""
 
 
 def scalar(run_dir, tag):
     acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     acc.Reload()
     return np.array([e.value for e in acc.Scalars(tag)]) if tag in acc.Tags()["scalars"] else np.array([])
+
+
+def method(a):
+    return "exact BC" if a["alpha"] == float("inf") else f"{a['normalizer']}, alpha {a['alpha']:g}"
 
 
 def main(runs):
@@ -32,33 +54,40 @@ def main(runs):
         summary = json.load(open(os.path.join(run_dir, "summary.json")))
         a = summary["args"]
         quality = os.path.basename(summary["dataset"])[len(f"smax_{a['map']}_") :].split("_")[0]
-        data = f"{a['map']}-{quality}"
         ess = scalar(run_dir, "losses/actor_weight_ess")
         wins = [e["win_rate"] for e in summary["evaluations"]]
         step = summary["evaluations"][-1]["step"]  # the seed-1 runs started before summaries had last3_mean / step
-        rows.append((data, a["normalizer"], a["alpha"], a["seed"], float(np.mean(wins[-3:])), max(wins), ess.mean(),
-                     summary["iterations_per_second"], step, summary.get("interrupted", False)))  # fmt: skip
-        store[run] = {"args": a, "evaluations": summary["evaluations"], "actor_weight_ess_mean": float(ess.mean())}
-    lines = ["# ICQ-MA with the per-state normaliser (--normalizer behavior) on SMAX 3s_vs_5z", "",
-             "Per run: mean win rate of the last 3 evaluations (64 greedy episodes each, every 300 iterations), the",
-             "best evaluation, and the mean over the run's log points of the actor weights' effective sample size",
-             "(sum w)^2 / (n sum w^2) over the batch's valid (t, i) pairs.", "",
-             "Commits: the seed-1 runs ran at abd542d, seeds 2 and 3 at 94bb08b's icq_ma_smac.py (its training is",
-             "bit-identical to abd542d's for --normalizer behavior, checked on a short run). Machine: the 2-core build",
-             "machine, two or three runs at a time (it/s are those of a shared machine).", "",
-             "| data | normalizer | alpha | seed | iterations | last-3 mean | best | weight ESS | it/s |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for d, n, al, s, m3, best, ess, its, step, cut in sorted(rows):
-        lines.append(f"| {d} | {n} | {al:g} | {s} | {step}{' (interrupted)' if cut else ''} | {m3:.3f} | {best:.3f} "
+        done = step == a["total_steps"] and not summary.get("interrupted", False)
+        rows.append((f"{a['map']}-{quality}", METHODS.index(method(a)), a["seed"], float(np.mean(wins[-3:])), max(wins),
+                     ess.mean() if len(ess) else 1.0, summary["iterations_per_second"], step, done))  # fmt: skip
+        store[run] = {"args": a, "data": rows[-1][0], "finished": done, "evaluations": summary["evaluations"],
+                      "actor_weight_ess_mean": rows[-1][5]}  # fmt: skip
+    lines = HEADER.splitlines() + ["", "| data | method | seed | iterations | last-3 mean | best | weight ESS | it/s |",
+                                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for d, m, s, m3, best, ess, its, step, done in sorted(rows):
+        lines.append(f"| {d} | {METHODS[m]} | {s} | {step}{'' if done else ' (unfinished)'} | {m3:.3f} | {best:.3f} "
                      f"| {ess:.3f} | {its:.2f} |")  # fmt: skip
-    lines += ["", "Over seeds (mean ± std, ddof 1), with the headline grid's runs (32 episodes per evaluation):", "",
-              "| data | method | last-3 mean ± std | seeds |", "|---|---|---|---|"]  # fmt: skip
+    lines += ["", "Over seeds (mean ± std, ddof 1) of the finished runs; for 3s_vs_5z with the headline grid's runs",
+              "(32 episodes per evaluation, same budget):", "", "| data | method | last-3 mean ± std | seeds |",
+              "|---|---|---|---|"]  # fmt: skip
+    curves = {}
     for d in sorted({r[0] for r in rows}):
-        vals = [r[4] for r in rows if r[0] == d and r[8] == 3000]
-        sd = np.std(vals, ddof=1) if len(vals) > 1 else float("nan")
-        lines.append(f"| {d} | behavior, alpha 0.1 | {np.mean(vals):.3f} ± {sd:.3f} | {len(vals)} |")
-        for method, (mean, std) in HEADLINE.get(d, {}).items():
-            lines.append(f"| {d} | {method} (headline grid) | {mean:.3f} ± {std:.3f} | 3 |")
+        for m, name in enumerate(METHODS):
+            finished = [r for r in rows if r[0] == d and r[1] == m and r[8]]
+            if finished:
+                vals = [r[3] for r in finished]
+                sd = np.std(vals, ddof=1) if len(vals) > 1 else float("nan")
+                lines.append(f"| {d} | {name} | {np.mean(vals):.3f} ± {sd:.3f} | {len(vals)} |")
+            elif name in HEADLINE.get(d, {}):
+                mean, std = HEADLINE[d][name]
+                lines.append(f"| {d} | {name} (headline grid) | {mean:.3f} ± {std:.3f} | 3 |")
+            evals = [
+                v["evaluations"]
+                for v in store.values()
+                if (v["data"], method(v["args"]), v["finished"]) == (d, name, True)
+            ]
+            if evals:
+                curves[d, name] = [e["step"] for e in evals[0]], np.array([[e["win_rate"] for e in ev] for ev in evals])
     with open(os.path.join(ROOT, "benchmarks/normalizer.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(ROOT, "benchmarks/normalizer_runs.json"), "w") as f:
@@ -70,16 +99,15 @@ def main(runs):
 
     for d in sorted({r[0] for r in rows}):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for run, v in store.items():
-            if f"{v['args']['map']}-" in d and f"_{d.split('-')[1]}_" in (
-                v["args"].get("dataset_path") or v["args"]["dataset"]
-            ):
-                ev = v["evaluations"]
-                ax.plot([e["step"] for e in ev], [e["win_rate"] for e in ev], marker="o", ms=3,
-                        label=f"behavior, seed {v['args']['seed']}")  # fmt: skip
-        for (method, (mean, _)), color in zip(HEADLINE.get(d, {}).items(), ("tab:gray", "k")):
-            ax.axhline(mean, ls="--", color=color, label=f"{method}: last-3 mean at 3,000 (3 seeds)")
-        ax.set(xlabel="iteration", ylabel="win rate (64 greedy episodes)", title=f"SMAX {d}: --normalizer behavior")
+        for name, color in zip(METHODS, ("k", "tab:gray", "tab:blue")):
+            if (d, name) in curves:
+                steps, wins = curves[d, name]
+                mean, sd = wins.mean(0), wins.std(0)
+                ax.plot(steps, mean, marker="o", ms=3, color=color, label=f"{name} ({len(wins)} seeds)")
+                ax.fill_between(steps, mean - sd, mean + sd, color=color, alpha=0.15)
+            elif name in HEADLINE.get(d, {}):
+                ax.axhline(HEADLINE[d][name][0], ls="--", color=color, label=f"{name}: last-3 mean at 3,000 (3 seeds)")
+        ax.set(xlabel="iteration", ylabel="win rate (64 greedy episodes)", title=f"SMAX {d}: mean ± std over seeds")
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(ROOT, f"benchmarks/normalizer_{d}.png"), dpi=100)
