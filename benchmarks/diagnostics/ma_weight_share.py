@@ -1,14 +1,14 @@
-"""Which rows get ICQ-MA's actor weight on SMAX 3s_vs_5z data, and at which temperature (docs' 3s_vs_5z diagnostics).
+"""Which rows get ICQ-MA's actor weight on SMAX data, and at which temperature (docs' diagnostics).
 
 usage: python benchmarks/diagnostics/ma_weight_share.py CHECKPOINT [DATASET]
-CHECKPOINT: runs/<run>/checkpoint.pt of an icq_ma_smac.py run on 3s_vs_5z; DATASET: an HDF5 file of that map (default:
-the script's cached strategy-mixed file, datasets/smax_3s_vs_5z_mixed_<episodes>ep_v2.h5). Over 40 batches of 32
-episodes it prints, at the checkpoint's alpha: each controller's share of the (row, agent) pairs and of the actor weight
-(all timesteps and t < 5), the effective sample size of the batch softmaxes, and the mean / std of A_i. Then, with the
-checkpoint's critic and actor fixed, the mean weight per pair of each controller (files with controller ids) and of the
-rows whose taken action the actor finds unlikely (pi < 0.1: on epsilon-noise data mostly the random actions), for
-temperatures from 0.01 to 100, and by timestep the weight, A_i and the actor's probability of the taken action. A
-checkpoint of --normalizer behavior is read with its per-state weights (its behaviour model gives Z).
+CHECKPOINT: runs/<run>/checkpoint.pt of an icq_ma_smac.py run on SMAX; DATASET: an HDF5 file of its map (default: the
+run's own data set). Over 40 batches of 32 episodes it prints, at the checkpoint's alpha: each controller's share of
+the (row, agent) pairs and of the actor weight (all timesteps and t < 5, and by agent), the effective sample size of
+the batch softmaxes, and the mean / std of A_i. Then, with the checkpoint's critic and actor fixed, the mean weight per
+pair of each controller (files with controller ids) and of the rows whose taken action the actor finds unlikely
+(pi < 0.1: on epsilon-noise data mostly the random actions), for temperatures from 0.01 to 100, and by timestep the
+weight, A_i and the actor's probability of the taken action. A checkpoint of --normalizer behavior is read with its
+per-state weights (its behaviour model gives Z).
 """
 
 import os
@@ -29,8 +29,8 @@ LOGITS, AVAIL, ACTIONS, Q, K, MASK, VALID, CID, EARLY, RARE, ADV, T, PI, LOG_MU 
 
 def load_batches(ckpt, path, n_batches=40, batch_size=32):
     args = ckpt["args"]
-    adapter = m.SmaxAdapter("3s_vs_5z")
-    data = m.load_dataset(path, adapter.info, "3s_vs_5z", "smax", torch.device("cpu"), 10.0, adapter.raw_state)
+    adapter = m.SmaxAdapter(args["map"])
+    data = m.load_dataset(path, adapter.info, args["map"], "smax", torch.device("cpu"), 10.0, adapter.raw_state)
     with h5py.File(path, "r") as f:
         if "controller" in f:
             controller, names = torch.as_tensor(f["controller"][:]), list(f.attrs["controller_names"])
@@ -76,7 +76,9 @@ def main(ckpt_path, path=None):
     torch.set_num_threads(1)
     ckpt = torch.load(ckpt_path, weights_only=False)
     args = ckpt["args"]
-    path = path or smax_cache_path("3s_vs_5z", "mixed", m.Args.dataset_episodes)
+    # the run's data: --dataset-path (older runs: --dataset), else the generated file of its map and --quality
+    path = path or args.get("dataset_path") or args.get("dataset")
+    path = path or smax_cache_path(args["map"], args["quality"], args["dataset_episodes"])
     batches, names = load_batches(ckpt, path)
     n_controllers = len(names)
     present = [c for c in range(n_controllers) if any(bool((b[VALID] & (b[CID] == c)).any()) for b in batches)]
@@ -101,6 +103,11 @@ def main(ckpt_path, path=None):
         for c in present:
             share, weight_share, per_pair = pairs[c] / sum(pairs), wsum[c] / sum(wsum), wsum[c] / max(pairs[c], 1)
             print(f"  {names[c]:10s} {share:.3f} {weight_share:.3f} {per_pair:.3f}")
+    print(f"by agent at alpha {alpha0}: mean weight per pair of {', '.join(names[c] for c in present)}")
+    agents = torch.arange(batches[0][Q].shape[2])
+    for i in agents.tolist():
+        agent = [mean_weight(ws, lambda b, c=c, i=i: (b[CID] == c) & (agents == i)) for c in present]
+        print(f"  agent {i}: " + " ".join(f"{w:.3f}" for w in agent))
     ess = []  # effective sample size of each (t, i) softmax over episodes, relative to its valid episodes
     for w, b in zip(ws, batches):
         wv, n = w * b[VALID], b[VALID].sum(0).float()
