@@ -1,7 +1,7 @@
 """Issue 15's table: ICQ-MA's two normalisers (--normalizer batch | behavior) against exact BC on SMAX.
 
 usage: python benchmarks/diagnostics/normalizer_table.py RUN [RUN ...]   (runs/<RUN>/summary.json, their event files)
-Default: every runs/h15_* run. Writes benchmarks/normalizer.md (per run: last-3 mean, best evaluation, the actor
+Default: every runs/h15_* run with a summary. Writes benchmarks/normalizer.md (per run: last-3 mean, best evaluation, the actor
 weights' effective sample size; per dataset and method: mean ± std over seeds), benchmarks/normalizer_runs.json (every
 evaluation of every run) and one curve PNG per dataset (mean ± std over seeds by iteration).
 """
@@ -115,4 +115,4 @@ def main(runs):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "runs/h15_*"))))
+    main(sys.argv[1:] or sorted(p.split(os.sep)[-2] for p in glob.glob(os.path.join(ROOT, "runs/h15_*/summary.json"))))
