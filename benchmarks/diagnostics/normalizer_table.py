@@ -1,9 +1,10 @@
 """Issue 15's table: ICQ-MA's two normalisers (--normalizer batch | behavior) against exact BC on SMAX.
 
 usage: python benchmarks/diagnostics/normalizer_table.py RUN [RUN ...]   (runs/<RUN>/summary.json, their event files)
-Default: every runs/h15_* run with a summary. Writes benchmarks/normalizer.md (per run: last-3 mean, best evaluation, the actor
-weights' effective sample size; per dataset and method: mean ± std over seeds), benchmarks/normalizer_runs.json (every
-evaluation of every run) and one curve PNG per dataset (mean ± std over seeds by iteration).
+Default: every runs/h15_* run with a summary. Writes benchmarks/normalizer.md (per run: last-3 mean, best evaluation,
+the actor weights' effective sample size; per dataset and method: mean ± std over seeds),
+benchmarks/normalizer_runs.json (every evaluation of every run) and one curve PNG per dataset (mean ± std over seeds
+by iteration).
 """
 
 import glob
