@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # benchmarks/headline.md (commit 16aa19e; the batch and BC code paths are bit-identical at this commit)
 HEADLINE = {"3s_vs_5z-medium": {"batch, alpha 0.1": (0.0139, 0.016), "exact BC": (0.271, 0.2)},
             "3s_vs_5z-mixed": {"batch, alpha 0.1": (0.0, 0.0), "exact BC": (0.00347, 0.006)}}  # fmt: skip
+EARLIER = {"2s3z-split": (600,)}  # first run to 600 iterations, then continued with --resume --total-steps 1500
 METHODS = ("exact BC", "batch, alpha 0.1", "behavior, alpha 0.1")
 HEADER = """# ICQ-MA's normalisers (--normalizer batch | behavior) against exact BC on SMAX
 
@@ -68,27 +69,24 @@ def main(runs):
     for d, m, s, m3, best, ess, its, step, done in sorted(rows):
         lines.append(f"| {d} | {METHODS[m]} | {s} | {step}{'' if done else ' (unfinished)'} | {m3:.3f} | {best:.3f} "
                      f"| {ess:.3f} | {its:.2f} |")  # fmt: skip
-    lines += ["", "Over seeds (mean ± std, ddof 1) of the finished runs; for 3s_vs_5z with the headline grid's runs",
-              "(32 episodes per evaluation, same budget):", "", "| data | method | last-3 mean ± std | seeds |",
-              "|---|---|---|---|"]  # fmt: skip
+    lines += ["", "Over seeds (mean ± std, ddof 1) of the finished runs, at their budget and at the earlier budgets",
+              "they were first run to (continued with --resume); for 3s_vs_5z with the headline grid's runs (32",
+              "episodes per evaluation, same budget):", "",
+              "| data | method | iterations | last-3 mean ± std | seeds |", "|---|---|---|---|---|"]  # fmt: skip
     curves = {}
     for d in sorted({r[0] for r in rows}):
-        for m, name in enumerate(METHODS):
-            finished = [r for r in rows if r[0] == d and r[1] == m and r[8]]
-            if finished:
-                vals = [r[3] for r in finished]
-                sd = np.std(vals, ddof=1) if len(vals) > 1 else float("nan")
-                lines.append(f"| {d} | {name} | {np.mean(vals):.3f} ± {sd:.3f} | {len(vals)} |")
-            elif name in HEADLINE.get(d, {}):
-                mean, std = HEADLINE[d][name]
-                lines.append(f"| {d} | {name} (headline grid) | {mean:.3f} ± {std:.3f} | 3 |")
-            evals = [
-                v["evaluations"]
-                for v in store.values()
-                if (v["data"], method(v["args"]), v["finished"]) == (d, name, True)
-            ]
+        for name in METHODS:
+            runs = [v for v in store.values() if v["finished"] and (v["data"], method(v["args"])) == (d, name)]
+            evals = [v["evaluations"] for v in runs]
             if evals:
                 curves[d, name] = [e["step"] for e in evals[0]], np.array([[e["win_rate"] for e in ev] for ev in evals])
+                for budget in sorted({*EARLIER.get(d, ()), curves[d, name][0][-1]}):
+                    vals = [np.mean([e["win_rate"] for e in ev if e["step"] <= budget][-3:]) for ev in evals]
+                    sd = np.std(vals, ddof=1) if len(vals) > 1 else float("nan")
+                    lines.append(f"| {d} | {name} | {budget} | {np.mean(vals):.3f} ± {sd:.3f} | {len(vals)} |")
+            elif name in HEADLINE.get(d, {}):
+                mean, std = HEADLINE[d][name]
+                lines.append(f"| {d} | {name} (headline grid) | 3000 | {mean:.3f} ± {std:.3f} | 3 |")
     with open(os.path.join(ROOT, "benchmarks/normalizer.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(ROOT, "benchmarks/normalizer_runs.json"), "w") as f:
