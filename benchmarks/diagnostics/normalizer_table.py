@@ -34,8 +34,9 @@ the rest by controllers that lose); 2s3z mixed (the same mixture; focus-kite win
 
 Commits: the 3s_vs_5z seed-1 runs ran at abd542d, seeds 2 and 3 at 94bb08b's icq_ma_smac.py (training bit-identical to
 abd542d's for --normalizer behavior, checked on a short run); every 2s3z run at 57614bc (its training code is that of
-0180f46). Evaluations: 3s_vs_5z and 2s3z mixed every 300 iterations to 3,000; 2s3z split every 100 to 600. Machine:
-the 2-core build machine, two runs at a time (it/s are those of a shared machine).
+0180f46). Evaluations: 3s_vs_5z and 2s3z mixed every 300 iterations to 3,000; 2s3z split every 100, run to 600
+and then continued with --resume --total-steps 1500 (it/s: the continuation's). Machine: the 2-core build machine, two
+runs at a time (it/s are those of a shared machine).
 """
 
 
