@@ -880,7 +880,7 @@ def main(args):
         optimizer.step()
 
     def log_progress(step, scalars):
-        scalars = {key: float(value) for key, value in scalars.items()}  # the only host syncs of an iteration
+        scalars = {key: float(value.detach()) for key, value in scalars.items()}  # the only host syncs of an iteration
         its = (step - start_step) / (time.time() - start_time - eval_seconds)
         for key, value in scalars.items():
             writer.add_scalar(f"losses/{key}", value, step)
