@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 HEADLINE = {"3s_vs_5z-medium": {"batch, alpha 0.1": (0.0139, 0.016), "exact BC": (0.271, 0.2)},
             "3s_vs_5z-mixed": {"batch, alpha 0.1": (0.0, 0.0), "exact BC": (0.00347, 0.006)}}  # fmt: skip
 EARLIER = {"2s3z-split": (600,)}  # first run to 600 iterations, then continued with --resume --total-steps 1500
-METHODS = ("exact BC", "batch, alpha 0.1", "behavior, alpha 0.1")
+METHODS = ("exact BC", "batch, alpha 0.1", "behavior, alpha 0.1", "behavior, alpha 0.3", "behavior, alpha 1")
 HEADER = """# ICQ-MA's normalisers (--normalizer batch | behavior) against exact BC on SMAX
 
 Per run: mean win rate of the last 3 evaluations (64 greedy episodes each), the best evaluation, and the mean over the
@@ -34,8 +34,9 @@ the rest by controllers that lose); 2s3z mixed (the same mixture; focus-kite win
 
 Commits: the 3s_vs_5z seed-1 runs ran at abd542d, seeds 2 and 3 at 94bb08b's icq_ma_smac.py (training bit-identical to
 abd542d's for --normalizer behavior, checked on a short run); every 2s3z run at 57614bc (its training code is that of
-0180f46). Evaluations: 3s_vs_5z and 2s3z mixed every 300 iterations to 3,000; 2s3z split every 100, run to 600
-and then continued with --resume --total-steps 1500 (it/s: the continuation's). Machine: the 2-core build machine, two
+0180f46); the 3s_vs_5z `behavior` runs at alpha 0.3 and 1 at 7a1453c (training code unchanged since 94bb08b).
+Evaluations: 3s_vs_5z and 2s3z mixed every 300 iterations to 3,000; 2s3z split every 100, run to 600 and then
+continued with --resume --total-steps 1500 (it/s: the continuation's). Machine: the 2-core build machine, two
 runs at a time (it/s are those of a shared machine).
 """
 
@@ -99,7 +100,7 @@ def main(runs):
 
     for d in sorted({r[0] for r in rows}):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for name, color in zip(METHODS, ("k", "tab:gray", "tab:blue")):
+        for name, color in zip(METHODS, ("k", "tab:gray", "tab:blue", "tab:orange", "tab:green")):
             if (d, name) in curves:
                 steps, wins = curves[d, name]
                 mean, sd = wins.mean(0), wins.std(0)
