@@ -7,7 +7,7 @@
 #                                                    per script -> benchmarks/sweep.md
 #   bash benchmark.sh learn --headline [...]         ICQ-MA vs exact BC on the main command's map, SMAX 3s_vs_5z
 #                                                    (medium and strategy-mixed), 3 seeds -> benchmarks/headline.md
-#   bash benchmark.sh speed [options] [extra args]   updates/s, peak memory and dataset memory of each script at its
+#   bash benchmark.sh speed [options] [extra args]   steps/s, peak memory and dataset memory of each script at its
 #                                                    standard sizes, beside the floor (the same networks' forward,
 #                                                    backward and optimiser steps alone) -> benchmarks/speed.md
 #   bash benchmark.sh paper --dry-run                print the seed paper's grid (D4RL, AntMaze, Adroit, SMAC; 5 seeds,
@@ -241,6 +241,12 @@ task() {  # task LIST INDEX: run line INDEX of LIST, logging to runs/logs/<run_n
   name=$(grep -o -- '--run-name [^ ]*' <<<"$line" | cut -d' ' -f2) || name=$(basename "$1" .txt)_$2
   checkpoint=runs/$name/checkpoint.pt log=runs/logs/$name.log
   mkdir -p runs/logs
+  # A run of this launch that already finished (a task restarted after its run ended) is not run again.
+  if [ -f "runs/$name/summary.json" ] && [ "runs/$name/summary.json" -nt "$1" ] &&
+    grep -q '"finished": true' "runs/$name/summary.json"; then
+    echo "done $name (it finished before this task started), log $log"
+    return 0
+  fi
   # A checkpoint written after LIST is this launch's run, interrupted (a requeued or restarted task): continue it. An
   # older one is a previous launch's, which the new run replaces.
   if [ -f "$checkpoint" ] && [ "$checkpoint" -nt "$1" ]; then

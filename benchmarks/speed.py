@@ -43,15 +43,14 @@ def speed_table(list_path):
         f"- {commit_line(list_path)}",
         *machine_lines(),
         "",
-        "| script | config | updates/s | floor updates/s | cost / floor (target ≤ 1.15) | peak RSS MB | repeats |",
+        "| script | config | steps/s | floor steps/s | cost / floor (target ≤ 1.15) | peak RSS MB | repeats |",
         "|---|---|---|---|---|---|---|",
     ]
     memory = []
     for (script, config), methods in sorted(groups.items()):
         runs, floors = methods.get("icq", []), methods.get("floor", [])
-        rate_key = "iterations_per_second" if script == "ma" else "updates_per_second"
-        rate = statistics.median([r[rate_key] for _, r in runs]) if runs else None
-        floor = statistics.median([r["updates_per_second"] for _, r in floors]) if floors else None
+        rate = statistics.median([r["steps_per_second"] for _, r in runs]) if runs else None
+        floor = statistics.median([r["steps_per_second"] for _, r in floors]) if floors else None
         ratio = f"{floor / rate:.2f}" if rate and floor else "-"
         rss = statistics.median([r["peak_rss_mb"] for _, r in runs]) if runs else None
         unit = " (iterations)" if script == "ma" else ""
