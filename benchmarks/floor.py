@@ -78,7 +78,7 @@ def floor_discrete(opts, device):
 
     import icq_discrete as m
 
-    episodes = m.builtin_episodes("LunarLander-v3", opts.quality, opts.dataset_size)[0]
+    episodes = m.load_builtin(opts.quality, opts.dataset_size)[0]
     raw = sum(a.nbytes for ep in episodes for a in ep)
     data = m.make_dataset_tensors(episodes, device)
     held = sum(t.nbytes for t in data.values())
@@ -86,7 +86,8 @@ def floor_discrete(opts, device):
     obs, act, rew, next_obs, next_act, done = (data[k][: opts.batch_size].clone() for k in keys)
     n_actions = 4
     a = m.Args
-    actor, critic, behavior, target = (m.mlp([obs.shape[1], 256, 256, n_actions]).to(device) for _ in range(4))
+    actor, critic, behavior = (net(obs.shape[1], n_actions).to(device) for net in (m.Actor, m.Critic, m.Actor))
+    target = m.Critic(obs.shape[1], n_actions).to(device)
     target.requires_grad_(False)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=a.actor_lr)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=a.critic_lr)
@@ -122,7 +123,7 @@ def floor_discrete(opts, device):
 
 
 def smax_cache_path(map_name, quality, episodes):
-    """The file icq_ma_smac.py generates and caches for --map, --quality and --dataset-episodes."""
+    """The file icq_ma_smac.py generates and caches for --map, --quality and --dataset-size (episodes)."""
     return f"datasets/smax_{map_name}_{quality}_{episodes}ep_v2.h5"
 
 
@@ -133,7 +134,7 @@ def floor_ma(opts, device):
 
     import icq_ma_smac as m
 
-    episodes = opts.dataset_episodes or m.Args.dataset_episodes
+    episodes = opts.dataset_episodes or m.Args.dataset_size
     path = opts.dataset_path or smax_cache_path(opts.map, opts.quality, episodes)
     if not os.path.isfile(path):
         raise SystemExit(f"error: no {path}: run icq_ma_smac.py once with the same --map/--quality to make it")
@@ -145,7 +146,7 @@ def floor_ma(opts, device):
             "obs_shape": f["obs"].shape[3],
             "state_shape": f["state"].shape[2],
         }
-    data = m.load_dataset(path, info, opts.map, "smax", device)
+    data = m.load_pymarl_hdf5(path, info, opts.map, "smax", device)
     held = sum(t.nbytes for t in data.values())
     n_agents, n_actions = info["n_agents"], info["n_actions"]
     obs_dim, state_dim = info["obs_shape"], info["state_shape"]
@@ -198,7 +199,7 @@ def floor_ma(opts, device):
 
 
 def floor_command(argv):
-    """Measure one floor and write runs/<run_name>/summary.json (updates_per_second, raw_bytes, dataset_bytes)."""
+    """Measure one floor and write runs/<run_name>/summary.json (steps_per_second, raw_bytes, dataset_bytes)."""
     import torch
 
     parser = argparse.ArgumentParser(prog="aggregate.py floor")
@@ -224,7 +225,7 @@ def floor_command(argv):
     rate, raw, held, note = measure(opts, device)
     summary = {
         "run_name": opts.run_name,
-        "updates_per_second": rate,
+        "steps_per_second": rate,
         "raw_bytes": int(raw),
         "dataset_bytes": int(held),
         "dataset_note": note,
