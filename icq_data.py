@@ -91,11 +91,215 @@ def lunar_discrete(quality: Literal["good", "medium", "mixed"] = "mixed", datase
 
 # =====================================================================================================================
 # SMAX (icq_ma_smac.py): scripted controllers and the recorder of their episodes
-# (section filled by the icq_ma_smac.py restructure)
+# Each controller reads only the privileged world state and the available actions and gives every agent a distribution
+# over actions (one-hot where it is deterministic); the recorder samples it with the episode's key, so an episode is a
+# deterministic function of (seed, controller, epsilon). The controllers and mixtures: docs/icq_ma_smac.md.
+CONTROLLERS = ("focus_kite", "spread", "hold", "wander", "random", "split")
+QUALITY_EPSILON = {"good": 0.0, "medium": 0.1, "poor": 0.3}  # per-agent chance of a uniform available action
+# Strategy mixtures (shares of the episodes). mixed: the good controller plays a minority, so that at most states the
+# data's most frequent action comes from a worse one (the attribute good_not_majority_fraction measures how often).
+# split: the majority is competent (half of its agents fire as the good controller does), so BC does not collapse.
+MIXTURES = {
+    "mixed": {"focus_kite": 0.2, "spread": 0.2, "hold": 0.5, "wander": 0.05, "random": 0.05},
+    "split": {"focus_kite": 0.2, "split": 0.8},
+}
+PYMARL_KEYS = ("obs", "state", "actions", "avail_actions", "reward", "terminated", "filled")
+
+
+def controller_policies(env, state, avail, kite_distance=5.0):
+    """Action probabilities [len(CONTROLLERS), n_allies, n_actions] of every controller at this state (actions 0-3 move
+    N/E/S/W, 4 stops, 5 + j attacks enemy j).
+
+    focus_kite (good): all focus fire on the weakest enemy in range; ranged allies facing melee enemies kite (attack
+        when the weapon is ready, else step away from nearby enemies); out of range, approach the closest enemy.
+    spread: attack the healthiest enemy in range, agent i preferring enemy i at equal health (fire spread over the
+        enemies), else approach the closest enemy; no kiting.
+    hold: never move; fire as spread does, else stop.
+    wander: a uniform available move, ignoring the enemies.   random: a uniform available action.
+    split: even-numbered agents focus fire as focus_kite does, odd-numbered ones fire spread; no kiting; out of range,
+        approach the closest enemy.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    s, na, ne = state.state, env.num_allies, env.num_enemies
+    pos, alive = s.unit_positions, s.unit_alive
+    diff = pos[:na, None] - pos[None, na:]  # ally -> enemy offsets [na, ne, 2]
+    dist = jnp.where(alive[None, na:], jnp.linalg.norm(diff, axis=-1), jnp.inf)
+    health = s.unit_health[na:] / env.unit_type_health[s.unit_types[na:]]
+    attackable = avail[:, 5:]
+    in_range = attackable.any(-1)
+
+    def attack(score):  # attack the enemy in range with the lowest score [na, ne]
+        return 5 + jnp.argmin(jnp.where(attackable, score, jnp.inf), -1)
+
+    ranges = env.unit_type_attack_ranges[s.unit_types]
+    kite = ranges[:na] > jnp.max(jnp.where(jnp.arange(len(ranges)) >= na, ranges, 0.0))
+    nearest = jnp.min(dist, -1)
+    dirs = jnp.array([[0.0, 1.0], [1.0, 0.0], [0.0, -1.0], [-1.0, 0.0]])
+    away = jnp.sum(jnp.where(jnp.isfinite(dist)[..., None], diff / jnp.maximum(dist, 0.5)[..., None] ** 3, 0.0), 1)
+    away = away / (jnp.linalg.norm(away, axis=-1, keepdims=True) + 1e-6)
+    size = jnp.array([env.map_width, env.map_height])
+    wall = (pos[:na] < 4.0).astype(jnp.float32) - (pos[:na] > size - 4.0).astype(jnp.float32)
+    flee = jnp.argmax((away + wall) @ dirs.T, -1)
+    approach = jnp.argmax((pos[na:][jnp.argmin(dist, -1)] - pos[:na]) @ dirs.T, -1)
+    ready = s.unit_weapon_cooldowns[:na] <= 0.5
+    focus_fire = attack(health[None] + 1e-3 * dist)
+    focus_kite = jnp.where(
+        in_range & (ready | ~kite),
+        focus_fire,
+        jnp.where(kite & (nearest < kite_distance), flee, jnp.where(nearest < ranges[:na] - 0.3, 4, approach)),
+    )
+    preference = (jnp.arange(ne)[None] - jnp.arange(na)[:, None]) % ne
+    spread_fire = attack(-health[None] + 1e-3 * preference)
+    spread, hold = jnp.where(in_range, spread_fire, approach), jnp.where(in_range, spread_fire, 4)
+    split = jnp.where(in_range, jnp.where(jnp.arange(na) % 2 == 0, focus_fire, spread_fire), approach)
+    n_actions = avail.shape[-1]
+
+    def one_hot(a):
+        return jax.nn.one_hot(jnp.where(avail[jnp.arange(na), a], a, 4), n_actions)
+
+    moves = avail.at[:, 4:].set(False)
+    wander = jnp.where(moves.any(-1, keepdims=True), moves, jax.nn.one_hot(4, n_actions, dtype=bool)).astype(
+        jnp.float32
+    )
+    uniform = avail.astype(jnp.float32)
+    return jnp.stack(
+        [
+            one_hot(focus_kite),
+            one_hot(spread),
+            one_hot(hold),
+            wander / wander.sum(-1, keepdims=True),
+            uniform / uniform.sum(-1, keepdims=True),
+            one_hot(split),
+        ]
+    )
+
+
+def generate_smax_dataset(adapter, path, quality, episodes, seed=0, chunk=250):
+    """Record `episodes` scripted episodes of `adapter` (icq_ma_smac.py's SmaxAdapter) in the PyMARL layout (float16
+    obs/state, trimmed to the longest episode), with each episode's controller id ("controller", names in the attribute
+    controller_names). Prints each component's win rate; returns (win rate, mean return, good_not_majority_fraction)."""
+    import time
+
+    import h5py
+    import jax
+    import jax.numpy as jnp
+    import jaxmarl  # already imported (quietly) by the adapter
+
+    gen_start = time.time()
+    print(f"generating {path} ({episodes} episodes):")
+    env, limit = adapter.env, adapter.info["episode_limit"]
+    shares = np.array([MIXTURES.get(quality, {}).get(c, 0.0) for c in CONTROLLERS])
+    mixture = jnp.asarray(shares)
+
+    def episode(key, controller, epsilon):
+        key, reset_key = jax.random.split(key)
+        state, observed = adapter.reset_one(reset_key)
+
+        def body(carry, t):
+            key, state, observed, ended = carry
+            key, act_key, step_key = jax.random.split(key, 3)
+            avail = observed[2]
+            policies = controller_policies(env, state, avail)
+            probs = (1 - epsilon) * policies[controller] + epsilon * policies[CONTROLLERS.index("random")]
+            actions = jax.random.categorical(act_key, jnp.log(probs))
+            # does the good controller's action differ from the mixture's most probable one at this state?
+            majority = jnp.einsum("c,cna->na", mixture, policies).argmax(-1)
+            choice = avail.sum(-1) > 1  # alive agents that have a choice
+            disagree = jnp.stack([majority != policies[0].argmax(-1), choice])
+            state, next_observed, reward, done, won = adapter.step_one(step_key, state, actions)
+            terminated = done | (t + 1 >= limit)
+            row = (*observed, actions, reward, terminated, won, ~ended, disagree)
+            return (key, state, next_observed, ended | terminated), row
+
+        (_, _, final, _), rows = jax.lax.scan(body, (key, state, observed, jnp.array(False)), jnp.arange(limit))
+        return final, rows
+
+    rollout = jax.jit(jax.vmap(episode))
+    if quality in MIXTURES:
+        counts = np.floor(shares * episodes).astype(int)
+        counts[0] += episodes - counts.sum()
+        controllers, epsilons = np.repeat(np.arange(len(CONTROLLERS)), counts), np.zeros(episodes)
+    else:
+        controllers, epsilons = np.zeros(episodes, int), np.full(episodes, QUALITY_EPSILON[quality])
+    parts, key = [], jax.random.PRNGKey(seed)
+    for start in range(0, episodes, chunk):
+        key, chunk_key = jax.random.split(key)
+        ctrl, eps = (jnp.asarray(x[start : start + chunk]) for x in (controllers, epsilons.astype(np.float32)))
+        final, (obs, state, avail, actions, reward, terminated, won, active, disagree) = rollout(
+            jax.random.split(chunk_key, len(eps)), ctrl, eps
+        )
+        obs, state, avail = (jnp.concatenate([x, f[:, None]], 1) for x, f in zip((obs, state, avail), final))
+        length = active.sum(1)  # steps taken; rows 0..length hold observations (filled), 0..length-1 transitions
+        row = jnp.arange(limit + 1)[None]
+        filled, acted = row <= length[:, None], row[:, :-1] < length[:, None]
+        choice = disagree[:, :, 1] & acted[..., None]
+        parts.append({
+            "obs": np.asarray(obs * filled[..., None, None], np.float16),
+            "state": np.asarray(state * filled[..., None], np.float16),
+            "avail_actions": np.asarray(avail & filled[..., None, None], np.uint8),
+            "actions": np.asarray(jnp.pad(actions * acted[..., None], ((0, 0), (0, 1), (0, 0))), np.int64)[..., None],
+            "reward": np.asarray(jnp.pad(reward * acted, ((0, 0), (0, 1))), np.float32)[..., None],
+            "terminated": np.asarray(jnp.pad(terminated & acted, ((0, 0), (0, 1))), np.uint8)[..., None],
+            "filled": np.asarray(filled, np.uint8)[..., None],
+            "won": np.asarray((won & active).any(1)),
+            "length": np.asarray(length),
+            "disagree": np.asarray((disagree[:, :, 0] & choice).sum()),
+            "choice": np.asarray(choice.sum()),
+        })  # fmt: skip
+    data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k not in ("disagree", "choice")}
+    data["controller"] = controllers.astype(np.int64)
+    not_majority = float(sum(p["disagree"] for p in parts) / max(sum(p["choice"] for p in parts), 1))
+    win_rates = np.array(
+        [data["won"][controllers == c].mean() if (controllers == c).any() else np.nan for c in range(len(CONTROLLERS))]
+    )
+    for c, name in enumerate(CONTROLLERS):
+        if (controllers == c).any():
+            print(f"  {name}: {(controllers == c).sum()} episodes, win rate {win_rates[c]:.3f}")
+    if quality in MIXTURES:  # against the mixture's own controllers: meaningless for a single-controller dataset
+        print(f"  good action is not the behaviour mixture's most probable action at {not_majority:.3f} of the "
+              "(state, agent) pairs with a choice")  # fmt: skip
+    rows = int(data["length"].max()) + 1
+    win_rate, mean_return = float(data["won"].mean()), float(data["reward"].sum((1, 2)).mean())
+    with h5py.File(atomic_path(path), "w") as f:
+        for k in PYMARL_KEYS:
+            f.create_dataset(k, data=data[k][:, :rows], compression="lzf", chunks=True)
+        f.create_dataset("controller", data=data["controller"])
+        f.attrs.update(
+            map_name=adapter.map_name, backend="smax", episode_limit=limit, quality=quality, seed=seed, version=2,
+            behaviour_win_rate=win_rate, behaviour_mean_return=mean_return, controller_names=list(CONTROLLERS),
+            controller_win_rates=win_rates, mixture=shares,
+            good_not_majority_fraction=not_majority if quality in MIXTURES else np.nan,
+            jaxmarl_version=getattr(jaxmarl, "__version__", "unknown"), episodes=episodes,
+            state_normalisation="per unit: positions / map size, cooldown / max cooldown; team and type ids dropped",
+        )  # fmt: skip
+    os.replace(path + ".tmp", path)
+    print(f"generated {path}: {episodes} episodes in {time.time() - gen_start:.1f}s, behaviour win rate "
+          f"{win_rate:.3f}, mean return {mean_return:.3f}")  # fmt: skip
+    return win_rate, mean_return, not_majority
+
+
+def smax(
+    map: str = "3s_vs_5z",
+    quality: Literal["good", "medium", "poor", "mixed", "split"] = "medium",
+    dataset_size: int = 1000,
+    dataset_path: str = "",
+    seed: int = 0,
+):
+    """Record a SMAX dataset of icq_ma_smac.py (--dataset-size episodes) to --dataset-path, by default the file the
+    script reads: datasets/smax_{map}_{quality}_{dataset_size}ep_v2.h5 (its own data are recorded with seed 0)."""
+    import importlib
+
+    script = importlib.import_module("icq_ma_smac")
+    path = dataset_path or script.SMAX_DATASET.format(map=map, quality=quality, episodes=dataset_size)
+    generate_smax_dataset(script.SmaxAdapter(map), path, quality, dataset_size, seed)
+
 
 # =====================================================================================================================
 # Command line: one subcommand per generator (each section adds its own to COMMANDS)
 COMMANDS = {}
+COMMANDS["smax"] = smax
 COMMANDS["lunar-discrete"] = lunar_discrete
 
 
