@@ -1,10 +1,9 @@
 """Offline RL with Implicit Constraint Q-learning (ICQ) on discrete actions: Minari, D4RL-layout or LunarLander data.
 
-ICQ (Yang et al., "Believe What You See: Implicit Constraint Approach for Offline Multi-Agent Reinforcement Learning",
-NeurIPS 2021) for one agent with discrete actions: ICQ-MA without the mixer. The critic evaluates pi* = mu exp(Q/a)/Z
-with importance weights on dataset actions only (eq. 10); the actor is weighted behaviour cloning. Z is the authors'
-batch softmax (`--normalizer batch`) or the exact per-state sum_b mu(b|s) exp(Q(s,b)/alpha) with mu a learned behaviour
-model (`--normalizer behavior`). Usage, outputs, details and results: docs/icq_discrete.md.
+ICQ (Yang et al., NeurIPS 2021, arXiv 2106.03400) for one agent with discrete actions: ICQ-MA without the mixer. The
+critic evaluates pi* = mu exp(Q/alpha) / Z at dataset actions only (eq. 10); the actor is weighted behaviour cloning. Z
+is the authors' batch softmax (`--normalizer batch`) or the exact per-state sum_b mu(b|s) exp(Q(s,b)/alpha) with mu a
+learned behaviour model (`--normalizer behavior`). Usage, outputs, details and results: docs/icq_discrete.md.
 """
 
 import copy
@@ -53,7 +52,6 @@ class Args:
     """path of a checkpoint.pt to continue: its run keeps every setting; only schedule flags may change"""
     threads: int = 1
     """torch CPU threads"""
-
     dataset_path: Optional[str] = None
     """a D4RL-layout HDF5 file (observations, integer actions, rewards, terminals, timeouts); evaluated on --env-id"""
     dataset_id: Optional[str] = None
@@ -66,7 +64,6 @@ class Args:
     """built-in dataset: the heuristic lander with few / more random actions, or a mixture of distinct policies"""
     dataset_size: int = 100_000
     """transitions in a built-in dataset (whole episodes, so slightly more)"""
-
     total_steps: int = 100_000
     """number of gradient steps (one behaviour, one critic and one actor update each)"""
     batch_size: int = 256
@@ -97,8 +94,7 @@ class Args:
     """gradient steps between progress lines and TensorBoard scalars"""
 
 
-# eval/normalized_score of the built-in data: 100 (return - random) / (heuristic - random); measured: docs.
-RANDOM_RETURN, HEURISTIC_RETURN = -181.7, 243.4
+RANDOM_RETURN, HEURISTIC_RETURN = -181.7, 243.4  # the built-in data's returns of score 0 and 100 (measured: docs)
 KEYS = ("obs", "actions", "rewards", "next_obs", "next_actions", "dones")
 
 
@@ -123,21 +119,16 @@ def resolve_args(args):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Data: every transition carries the next action a' of its episode, because the ICQ operator (eq. 10) evaluates Q only
-# at dataset actions. Loaders return episodes (obs with one more row than actions, actions, rewards, terminals) or end
-# with one line saying what is wrong with the file.
-def flatten(space, x):
-    """A batch of observations of `space` -> float32 [n, dim]: arrays flattened, Discrete one-hot, Text dropped."""
+# Data: every transition carries the next action a' of its episode (eq. 10 evaluates Q only at dataset actions). Loaders
+# return episodes (obs with one more row than actions, actions, rewards, terminals) or one line saying what is wrong.
+def flatten(space, x, batched=True):
+    """Observations of `space` -> float32 [n, dim] (one: n = 1): arrays flattened, Discrete one-hot, Text dropped."""
     if isinstance(space, gym.spaces.Dict):
-        subs = [flatten(sub, x[k]) for k, sub in space.spaces.items() if not isinstance(sub, gym.spaces.Text)]
+        subs = [flatten(sub, x[k], batched) for k, sub in space.spaces.items() if not isinstance(sub, gym.spaces.Text)]
         return np.concatenate(subs, -1)
     if isinstance(space, gym.spaces.Discrete):
         return np.eye(space.n, dtype=np.float32)[np.asarray(x, dtype=np.int64).reshape(-1) - space.start]
-    return np.asarray(x, dtype=np.float32).reshape(len(x), -1)
-
-
-def add_batch_dim(obs):
-    return {k: add_batch_dim(v) for k, v in obs.items()} if isinstance(obs, dict) else np.asarray(obs)[None]
+    return np.asarray(x, dtype=np.float32).reshape(len(x) if batched else 1, -1)
 
 
 def load_d4rl_hdf5(path):
@@ -154,12 +145,12 @@ def load_d4rl_hdf5(path):
             found = sorted(f.keys())
     except OSError as exc:  # truncated or corrupt: h5py raises on open or on read
         fail(f"{path} is truncated or corrupt ({str(exc).splitlines()[0][:80]}); download or write it again")
-    sizes, n = {k: len(v) if v.ndim else 0 for k, v in d.items()}, len(d.get("actions", ()))
-    actions = d.get("actions", np.zeros(0)).reshape(n, -1)
+    sizes = {k: len(v) if v.ndim else 0 for k, v in d.items()}
+    n = sizes.get("actions", 0)
+    actions = d["actions"].reshape(n, -1) if n else np.zeros((0, 1))
     problem = (
         f"missing keys {[k for k in keys if k not in d]} (has {found})" if not d.keys() >= set(keys)
-        else f"non-numeric arrays {[k for k, v in d.items() if v.dtype.kind not in 'biuf']}"
-        if any(v.dtype.kind not in "biuf" for v in d.values())
+        else f"non-numeric arrays {bad}" if (bad := [k for k, v in d.items() if v.dtype.kind not in "biuf"])
         else f"the keys have different lengths {sizes}" if len(set(sizes.values())) != 1
         else "zero transitions (zero episodes)" if n == 0
         else f"actions must be one non-negative integer per row (got shape {d['actions'].shape}, dtype "
@@ -176,10 +167,9 @@ def load_d4rl_hdf5(path):
     terminals = d["terminals"].astype(bool)
     ends = sorted(set(np.flatnonzero(terminals | d["timeouts"].astype(bool)).tolist()) | {n - 1})  # the last row too
     # An episode's last observation is next_observations[end], or a pad of a row that is dropped or terminal.
-    starts = [0] + [end + 1 for end in ends[:-1]]
     return [(np.concatenate([obs[start : end + 1], last_obs[end : end + 1]]),
              actions[start : end + 1, 0].astype(np.int64), d["rewards"][start : end + 1].astype(np.float32),
-             terminals[start : end + 1]) for start, end in zip(starts, ends)]  # fmt: skip
+             terminals[start : end + 1]) for start, end in zip([0] + [e + 1 for e in ends[:-1]], ends)]  # fmt: skip
 
 
 def load_minari(dataset_id):
@@ -190,9 +180,8 @@ def load_minari(dataset_id):
         dataset = minari.load_dataset(dataset_id)
     except (FileNotFoundError, ValueError) as exc:
         root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
-        fail(f"Minari dataset '{dataset_id}' is not in the local store {root} ({str(exc).splitlines()[0][:60]}): "
-             f"download it with `minari download {dataset_id}`, or leave --dataset-id unset (built-in data)"
-             )  # fmt: skip
+        fail(f"Minari dataset '{dataset_id}' is not in {root} ({str(exc).splitlines()[0][:50]}): download it with "
+             f"`minari download {dataset_id}`, or leave --dataset-id unset for the built-in data")  # fmt: skip
     if not isinstance(dataset.action_space, gym.spaces.Discrete):
         fail(f"{dataset_id} has a continuous ({type(dataset.action_space).__name__}) action space, and icq_discrete.py "
              "needs a Discrete one: use icq_continuous.py for this dataset")  # fmt: skip
@@ -207,8 +196,7 @@ def load_minari(dataset_id):
 
 
 def load_builtin(quality, size, env_id="LunarLander-v3"):
-    """The built-in data of `quality`, recorded once into datasets/ by icq_data.py: (episodes, {policy: mean episode
-    return}, the fraction of states where the heuristic's action is the data's most likely action)."""
+    """Built-in data, recorded once by icq_data.py: episodes, {policy: mean return}, heuristic_is_majority (docs)."""
     path = f"datasets/{env_id}-{'mixed-policies' if quality == 'mixed' else quality}-{size}.npz"
     if not os.path.exists(path):
         import icq_data
@@ -230,8 +218,7 @@ def load_builtin(quality, size, env_id="LunarLander-v3"):
 
 
 def make_dataset_tensors(episodes, device):
-    """Episodes -> the (s, a, r, s', a', done) tensors of KEYS. A timed-out episode's last step has no a' and is
-    dropped; a terminal one is kept with done = 1 (its a' only pads)."""
+    """Episodes -> (s, a, r, s', a', done) tensors; a timed-out last step (no a') is dropped, a terminal one kept."""
     columns = []
     for obs, actions, rewards, terminals in episodes:
         keep = len(actions) if terminals[-1] else len(actions) - 1
@@ -239,8 +226,8 @@ def make_dataset_tensors(episodes, device):
         done[len(actions) - 1 :] = 1.0  # a kept last row is terminal
         columns.append((obs[:keep], actions[:keep], rewards[:keep], obs[1 : keep + 1], next_actions[:keep], done))
     dtypes = (torch.float32, torch.long, torch.float32, torch.float32, torch.long, torch.float32)
-    columns = [np.concatenate(column) for column in zip(*columns)]
-    return {n: torch.as_tensor(np.asarray(c), dtype=t, device=device) for n, c, t in zip(KEYS, columns, dtypes)}
+    return {k: torch.as_tensor(np.concatenate(c), dtype=t, device=device)
+            for k, c, t in zip(KEYS, zip(*columns), dtypes)}  # fmt: skip
 
 
 def make_env(env_id, minari_dataset):
@@ -275,8 +262,7 @@ class Critic(MLP):
 # ICQ losses
 @torch.no_grad()
 def icq_weights(x, temperature, mask=None):
-    """n * softmax(x / temperature) over dim 0 (the minibatch), the practical Z of the paper (Sec. 4.1). Entries where
-    the boolean `mask` is False get weight 0; n counts the valid ones, so the valid weights average to 1."""
+    """n * softmax(x / T) over the minibatch (the paper's practical Z, Sec. 4.1); n counts the entries `mask` keeps."""
     logits = x / temperature
     if mask is None:
         return x.shape[0] * torch.softmax(logits, dim=0)
@@ -286,16 +272,14 @@ def icq_weights(x, temperature, mask=None):
 
 @torch.no_grad()
 def behavior_weights(q, action, log_mu, temperature):
-    """The exact importance ratio pi*(a|s) / mu(a|s) = exp(q[a]/T) / sum_b mu(b|s) exp(q[b]/T) (Sec. 3, eq. 8-10);
-    q, log_mu: [B, actions], action: [B]. Its expectation over a ~ mu is exactly 1 in every state."""
+    """The exact pi*(a|s) / mu(a|s) = exp(q[a]/T) / sum_b mu(b|s) exp(q[b]/T) (eq. 8-10): E_mu of it is 1 per state."""
     q = q / temperature
     return torch.exp(q.gather(1, action[:, None]).squeeze(1) - torch.logsumexp(log_mu + q, dim=1))
 
 
 def critic_target(reward, done, next_q, gamma, temperature, weights=None, scale=1.0, clip=True):
-    """The ICQ target r + gamma (1 - d) rho Q'(s', a') with rho = exp(Q'/T) / Z (eq. 10), a' the dataset's next action,
-    all [B]; returns (target, rho). rho: the authors' batch weight clamp(scale * n * softmax_batch(Q'/T), 0, 1) without
-    terminal rows (the clamp keeps gamma * rho <= gamma), or the exact `weights` as they are."""
+    """The ICQ target r + gamma (1 - d) rho Q'(s', a') of eq. 10, all [B]; returns (target, rho). rho: the authors'
+    batch weight clamp(scale * n * softmax_batch(Q'/T), 0, 1) without terminal rows, or the exact `weights` as given."""
     if weights is None:
         weights = scale * icq_weights(next_q, temperature, mask=done == 0)
         weights = weights.clamp(0.0, 1.0) if clip else weights
@@ -303,8 +287,7 @@ def critic_target(reward, done, next_q, gamma, temperature, weights=None, scale=
 
 
 def critic_loss(critic, target_critic, behavior, batch, gamma, temperature, scale=1.0, clip=True):
-    """Squared error to the ICQ target; returns (loss, rho). With behavior=None (batch Z) Q' is read only at the batch's
-    (s', a'), the implicit constraint of eq. 10; the exact Z also reads Q'(s', b) for every b, weighted by mu(b|s')."""
+    """Squared error to the ICQ target; returns (loss, rho). The batch Z (behavior=None) reads Q' only at (s', a')."""
     obs, act, rew, next_obs, next_act, done = batch
     with torch.no_grad():
         next_q_all = target_critic(next_obs)
@@ -317,9 +300,8 @@ def critic_loss(critic, target_critic, behavior, batch, gamma, temperature, scal
 
 
 def actor_loss(log_prob, signal, temperature, weights=None):
-    """Weighted behaviour cloning, the KL(pi* || pi_theta) objective of Sec. 4.2: -mean(exp(signal/T)/Z * log pi).
-    `weights` passes the exact behaviour_weights instead of the batch softmax of the signal. temperature = inf is exact
-    behaviour cloning (pi* = mu as alpha -> inf, eq. 8): every weight is exactly 1, whatever the signal."""
+    """Weighted BC, the KL(pi* || pi_theta) objective of Sec. 4.2: -mean(exp(signal/T)/Z log pi) or the exact weights.
+    temperature = inf is exact behaviour cloning (pi* = mu as alpha -> inf, eq. 8): every weight is exactly 1."""
     if math.isinf(temperature):
         weights = torch.ones_like(log_prob)
     elif weights is None:
@@ -336,21 +318,11 @@ def evaluate(actor, env, space, episodes, seed, device):
         obs, _ = env.reset(seed=seed + episode)
         ret, done = 0.0, False
         while not done:
-            action = int(actor(torch.as_tensor(flatten(space, add_batch_dim(obs)), device=device)).argmax())
+            action = int(actor(torch.as_tensor(flatten(space, obs, batched=False), device=device)).argmax())
             obs, reward, terminated, truncated, _ = env.step(action)
-            ret += float(reward)
-            done = terminated or truncated
+            ret, done = ret + float(reward), terminated or truncated
         returns.append(ret)
     return {"return": float(np.mean(returns))}
-
-
-def warn_q_bound(state, q_bound, args):
-    """The divergence monitor (docs/icq_discrete.md): the running max of |Q| left max|r| / (1 - gamma)."""
-    fix = ("a larger --critic-alpha" if args.normalizer == "behavior" else "--critic-weight-scale 0.5 or a larger "
-           "--critic-alpha" if args.clip_critic_weights else "--clip-critic-weights")  # fmt: skip
-    print(f"warning: |Q| = {float(state['q_abs_max']):.3g} left the reward-implied bound max|r|/(1-gamma) = "
-          f"{q_bound:.3g} at step {int(state['q_exceeds_step'])}: the critic is diverging; try {fix}",
-          file=sys.stderr, flush=True)  # fmt: skip
 
 
 def main(args):
@@ -359,16 +331,13 @@ def main(args):
     path_name = os.path.splitext(os.path.basename(args.dataset_path or ""))[0]
     data_name = args.dataset_id or path_name or f"{args.env_id}-{args.quality}"
     run = Run(args, SCRIPT, data_name)
-    # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     torch.set_num_threads(args.threads)
-
-    # Data and evaluation env, before run.begin: a data error leaves no run directory
-    # refs: the returns of score 0 and 100 (the built-in data: random and heuristic landers; Minari's own; or none)
+    # Data and env before run.begin (an error leaves no run directory); refs: the returns of score 0 and 100, or None
     minari_dataset, components, heuristic_is_majority, refs = None, None, None, None
     if args.dataset_id is not None:
         episodes, minari_dataset, refs = load_minari(args.dataset_id)
@@ -381,19 +350,19 @@ def main(args):
     space = env.observation_space if minari_dataset is None else minari_dataset.observation_space
     data = make_dataset_tensors(episodes, device)
     num_transitions, obs_dim, num_actions = data["rewards"].shape[0], data["obs"].shape[1], int(env.action_space.n)
-    env_obs_dim = flatten(env.observation_space, add_batch_dim(env.observation_space.sample())).shape[1]
+    env_obs_dim = flatten(env.observation_space, env.observation_space.sample(), batched=False).shape[1]
     data_actions = int(data["actions"].max()) + 1 if num_transitions else 0
     if num_transitions == 0 or obs_dim != env_obs_dim or data_actions > num_actions:
         fail(f"the data and the env disagree: observation size {obs_dim} vs {env_obs_dim}, actions used by the data "
-             f"{data_actions} vs the env's {num_actions} (data: {data_name} with {num_transitions} transitions that "
-             f"have a next action, env: {env.spec.id})")  # fmt: skip
+             f"{data_actions} vs the env's {num_actions} ({data_name}, {num_transitions} transitions)")  # fmt: skip
     dataset_return = float(np.mean([ep[2].sum() for ep in episodes]))
     q_bound = float(data["rewards"].abs().max()) / (1.0 - args.gamma)  # every weight is <= 1 or averages 1
     print(f"{num_transitions} transitions from {data_name} ({len(episodes)} episodes, mean return "
           f"{dataset_return:.1f}), normalizer {args.normalizer}, eval env {env.spec.id}, reward-implied |Q| bound "
-          f"{q_bound:.1f}" + ("" if components is None else "\nmean episode return per policy: " + ", ".join(
-          f"{k} {v:.1f}" for k, v in components.items()) + f"; the heuristic's action is the data's majority action "
-          f"at {100 * heuristic_is_majority:.0f}% of states"))  # fmt: skip
+          f"{q_bound:.1f}")  # fmt: skip
+    if components is not None:
+        print(f"mean episode return per policy: {', '.join(f'{k} {v:.1f}' for k, v in components.items())}; the "
+              f"heuristic's action is the majority action at {100 * heuristic_is_majority:.0f}% of states")  # fmt: skip
 
     actor = Actor(obs_dim, num_actions).to(device)
     critic = Critic(obs_dim, num_actions).to(device)
@@ -405,18 +374,20 @@ def main(args):
     modules = dict(actor=actor, critic=critic, critic_target=critic_target, actor_optimizer=actor_optimizer,
                    critic_optimizer=critic_optimizer, behavior=behavior,
                    behavior_optimizer=behavior_optimizer)  # fmt: skip
-    state = {"q_abs_max": 0.0, "q_exceeds_step": -1}  # running max of |Q(s, a)|, first step past q_bound (-1: none)
+    # running max of |Q(s, a)| and first step past q_bound (-1: none yet), tensors read only at log intervals
+    state = {"q_abs_max": torch.zeros((), device=device), "q_exceeds_step": torch.full((), -1, device=device)}
     info = dict(dataset=data_name, dataset_return=dataset_return, component_returns=components,
                 heuristic_is_majority=heuristic_is_majority, q_bound=q_bound)  # fmt: skip
     start_step = run.begin(modules, device, state=state, info=info, metrics=("score", "return"))
-    state.update({k: torch.as_tensor(v, device=device) for k, v in state.items()})  # read only at log intervals
+    state.update({k: v.to(device) for k, v in state.items()})  # a resumed run's come from the checkpoint on the CPU
 
     use_behavior, warned = args.normalizer == "behavior", False
+    q_fix = ("a larger --critic-alpha" if use_behavior else "--critic-weight-scale 0.5 or a larger --critic-alpha"
+             if args.clip_critic_weights else "--clip-critic-weights")  # fmt: skip
     nonfinite_step = torch.full((), -1, device=device)  # first step with a NaN/inf loss, read only at log intervals
     for step in range(start_step + 1, args.total_steps + 1):
         idx = torch.randint(num_transitions, (args.batch_size,), device=device)
-        batch = tuple(data[k][idx] for k in KEYS)
-        obs, act = batch[0], batch[1]
+        obs, act, *_ = batch = tuple(data[k][idx] for k in KEYS)
 
         if use_behavior:  # mu by maximum likelihood; only the exact normaliser needs it
             loss_mu = F.cross_entropy(behavior(obs), act)
@@ -425,21 +396,17 @@ def main(args):
             behavior_optimizer.step()
 
         loss_q, rho = critic_loss(critic, critic_target, behavior if use_behavior else None, batch, gamma=args.gamma,
-                                  temperature=args.critic_alpha, scale=args.critic_weight_scale,
-                                  clip=args.clip_critic_weights)  # fmt: skip
+            temperature=args.critic_alpha, scale=args.critic_weight_scale, clip=args.clip_critic_weights)  # fmt: skip
         critic_optimizer.zero_grad()
         loss_q.backward()
         critic_optimizer.step()
 
-        # Actor signal: the counterfactual advantage Q(s,a) - sum_b pi(b|s) Q(s,b) (the exact weight needs no baseline)
         log_pi = F.log_softmax(actor(obs), -1)
         with torch.no_grad():
             q_all = critic(obs)
             q_data = q_all.gather(1, act[:, None]).squeeze(1)
-            advantage = q_data - (log_pi.exp() * q_all).sum(1)
-            weights = None
-            if use_behavior and not math.isinf(args.alpha):
-                weights = behavior_weights(q_all, act, F.log_softmax(behavior(obs), -1), args.alpha)
+            advantage = q_data - (log_pi.exp() * q_all).sum(1)  # the actor signal; the exact weight needs no baseline
+            weights = behavior_weights(q_all, act, behavior(obs).log_softmax(-1), args.alpha) if use_behavior else None
         loss_pi = actor_loss(log_pi.gather(1, act[:, None]).squeeze(1), advantage, args.alpha, weights)
         actor_optimizer.zero_grad()
         loss_pi.backward()
@@ -455,9 +422,11 @@ def main(args):
 
         if step % args.log_interval == 0:
             run.check_finite(nonfinite_step)
-            if int(state["q_exceeds_step"]) >= 0 and not warned:
-                warn_q_bound(state, q_bound, args)
+            if int(state["q_exceeds_step"]) >= 0 and not warned:  # the divergence monitor (docs/icq_discrete.md)
                 warned = True
+                print(f"warning: |Q| = {float(q_abs_max):.3g} left the reward-implied bound max|r|/(1-gamma) = "
+                      f"{q_bound:.3g} at step {int(state['q_exceeds_step'])}: the critic is diverging; try {q_fix}",
+                      file=sys.stderr, flush=True)  # fmt: skip
             scalars = dict(critic_loss=loss_q, actor_loss=loss_pi, actor_signal=advantage.mean(), q_mean=q_data.mean(),
                            rho_max=rho.max(), q_abs_max=q_abs_max)  # fmt: skip
             run.log(step, {**scalars, "behavior_loss": loss_mu} if use_behavior else scalars)
@@ -465,14 +434,12 @@ def main(args):
         if step % args.eval_interval == 0 or step == args.total_steps:
             run.check_finite(nonfinite_step)
             with run.timing_evaluation():
-                results = evaluate(actor, env, space, episodes=args.eval_episodes, seed=args.seed + 10_000,
-                                   device=device)  # fmt: skip
+                results = evaluate(actor, env, space, args.eval_episodes, seed=args.seed + 10_000, device=device)
             results["score"] = None if refs is None else 100.0 * (results["return"] - refs[0]) / (refs[1] - refs[0])
             run.evaluated(step, results)
 
         if run.stopped:
             run.check_finite(nonfinite_step)
-            env.close()
             run.interrupt(step)
 
     env.close()
