@@ -214,7 +214,7 @@ def test_builtin_dataset_end_to_end(tmp_path):
     assert "eval step 20" in proc.stdout
     assert (tmp_path / "datasets" / "LunarLander-v3-medium-300.npz").exists()
     summary = read_summary(tmp_path, "tiny")
-    for key in ("final_score", "best_score", "final_return", "updates_per_second", "wall_seconds", "peak_rss_mb"):
+    for key in ("final_score", "best_score", "final_return", "steps_per_second", "wall_seconds", "peak_rss_mb"):
         assert np.isfinite(summary[key]), key
     assert [e["step"] for e in summary["evaluations"]] == [10, 20]
     assert np.isclose(summary["final_score"], 100 * (summary["final_return"] + 181.7) / (243.4 + 181.7))
@@ -333,8 +333,8 @@ def test_resume_equals_straight_run(tmp_path):
     a, b = (torch.load(tmp_path / "runs" / r / "checkpoint.pt", weights_only=False) for r in ("straight", "split"))
     assert a["step"] == b["step"] == 30
     for key in ("actor", "critic", "critic_target", "behavior"):
-        for name, tensor in a[key].items():
-            assert torch.equal(tensor, b[key][name]), f"{key}.{name}"
+        for name, tensor in a["modules"][key].items():
+            assert torch.equal(tensor, b["modules"][key][name]), f"{key}.{name}"
     assert read_summary(tmp_path, "split")["evaluations"] == read_summary(tmp_path, "straight")["evaluations"]
 
 
@@ -516,7 +516,7 @@ def test_icq_beats_exact_bc_on_a_chain_and_q_stays_bounded(tmp_path):
         (("--critic-alpha", -1), ("--critic-alpha", "> 0")),
         (("--alpha", "nan"), ("--alpha", "inf is exact behaviour cloning")),
         (("--dataset-id", "a/b-v0", "--dataset-path", "c.hdf5"), ("one of --dataset-id and --dataset-path",)),
-        (("--quality", "superb"), ("superb", "expert")),
+        (("--quality", "superb"), ("superb", "good")),
         (("--env-id", "CartPole-v1"), ("no built-in dataset", "LunarLander-v3")),
         (("--dataset-id", "nope/nothing-v0"), ("minari download nope/nothing-v0", "built-in")),
         (("--gamma", 1e30, "--dataset-size", 100, *TINY), ("non-finite loss",)),
@@ -536,3 +536,76 @@ def test_bad_minari_datasets(tmp_path):
     assert_user_error(proc, "Discrete", "icq_continuous.py")
     proc = run_script(SCRIPT, "--dataset-id", "test/cartpole/acrobot-v0", *TINY, cwd=tmp_path, env=env, check=False)
     assert_user_error(proc, "disagree", "observation size 4 vs 6")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Broken data files (issue 22): one error line naming the file, no traceback, no run directory
+def good_d4rl(path, n=200):
+    rng = np.random.default_rng(0)
+    write_d4rl(path, rng.normal(size=(n, 8)).astype(np.float32), rng.integers(4, size=n), rng.normal(size=n),
+               np.eye(n, dtype=bool)[n // 2], np.zeros(n, bool))  # fmt: skip
+
+
+def truncate(fraction):
+    def make(path):
+        good_d4rl(path, n=2000)
+        data = path.read_bytes()
+        path.write_bytes(data[: int(len(data) * fraction)])
+
+    return make
+
+
+def d4rl_with(**changes):
+    def make(path):
+        rng, n = np.random.default_rng(0), changes.pop("n", 50)
+        arrays = dict(obs=rng.normal(size=(n, 8)).astype(np.float32), actions=rng.integers(4, size=n),
+                      rewards=rng.normal(size=n), terminals=np.zeros(n, bool), timeouts=np.zeros(n, bool))  # fmt: skip
+        arrays.update(changes)
+        write_d4rl(path, **arrays)
+
+    return make
+
+
+BROKEN_FILES = {  # case -> (make the file, extra flags, fragments of the error line)
+    "truncated-1%": (truncate(0.01), (), ("truncated or corrupt",)),
+    "truncated-50%": (truncate(0.5), (), ("truncated or corrupt",)),
+    "truncated-99%": (truncate(0.99), (), ("truncated or corrupt",)),
+    "empty": (lambda path: path.write_bytes(b""), (), ("not an HDF5 file",)),
+    "not-hdf5": (lambda path: path.write_text("observations,actions\n1,2\n"), (), ("not an HDF5 file",)),
+    "wrong-keys": (
+        lambda path: write_d4rl(
+            path, np.zeros((5, 8)), np.zeros(5), np.zeros(5), np.zeros(5), np.zeros(5), drop=("rewards", "terminals")
+        ),
+        (),
+        ("missing keys ['rewards', 'terminals']",),
+    ),  # fmt: skip
+    "wrong-dtype": (d4rl_with(rewards=np.array([b"x"] * 50)), (), ("non-numeric arrays ['rewards']",)),
+    "nan-reward": (d4rl_with(rewards=np.r_[np.zeros(49), np.nan]), (), ("NaN or inf",)),
+    "inf-observation": (d4rl_with(obs=np.full((50, 8), np.inf, np.float32)), (), ("NaN or inf",)),
+    "zero-episodes": (d4rl_with(n=0, obs=np.zeros((0, 8), np.float32)), (), ("zero transitions",)),
+    "continuous-actions": (d4rl_with(actions=np.full((50, 2), 0.3)), (), ("integer", "use icq_continuous.py")),
+    "too-many-actions": (
+        d4rl_with(actions=np.full(50, 6)),
+        (),
+        ("disagree", "actions used by the data 7 vs the env's 4"),
+    ),
+    "continuous-env": (good_d4rl, ("--env-id", "Pendulum-v1"), ("Box action space", "use icq_continuous.py")),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_FILES))
+def test_broken_data_files(tmp_path, case):
+    make, extra, fragments = BROKEN_FILES[case]
+    make(tmp_path / "d.hdf5")
+    proc = run_script(SCRIPT, "--dataset-path", "d.hdf5", *extra, *TINY, cwd=tmp_path, env=ENV, check=False)
+    assert_user_error(proc, *fragments)
+    assert [line.startswith("error:") for line in proc.stderr.strip().splitlines()] == [True], proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_broken_builtin_cache(tmp_path):
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets" / "LunarLander-v3-medium-300.npz").write_bytes(b"PK\x03\x04 half a zip")
+    proc = run_script(SCRIPT, "--quality", "medium", "--dataset-size", 300, *TINY, cwd=tmp_path, env=ENV, check=False)
+    assert_user_error(proc, "LunarLander-v3-medium-300.npz is unreadable", "delete it")
+    assert not (tmp_path / "runs").exists()
