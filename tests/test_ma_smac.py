@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT, assert_user_error, run_script
 
+from icq_data import CONTROLLERS, MIXTURES, generate_smax_dataset
 from icq_ma_smac import (
-    CONTROLLERS,
-    MIXTURES,
     Actor,
     Critic,
     Mixer,
@@ -27,9 +26,8 @@ from icq_ma_smac import (
     critic_targets,
     episodes_per_timestep,
     evaluate,
-    generate_smax_dataset,
     icq_weights,
-    load_dataset,
+    load_pymarl_hdf5,
     on_valid_rows,
     previous_actions_onehot,
     td_lambda_targets,
@@ -486,9 +484,9 @@ def test_standin_smac_adapter_runs_an_evaluation(sample):
     env = FakeStarCraft2Env()
     adapter = SmacAdapter(env)
     assert adapter.info == env.get_env_info()
-    win_rate, mean_return = evaluate(Actor(6, 5, 2), adapter, 3, seed=0, device=torch.device("cpu"), sample=sample)
+    results = evaluate(Actor(6, 5, 2), adapter, 3, seed=0, device=torch.device("cpu"), sample=sample)
     assert env.resets == 3
-    assert win_rate == pytest.approx(2 / 3) and mean_return == pytest.approx(4.0)
+    assert results["win_rate"] == pytest.approx(2 / 3) and results["return"] == pytest.approx(4.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -536,8 +534,8 @@ TINY = ("--total-steps", 4, "--batch-size", 4, "--eval-interval", 2, "--eval-epi
 
 def assert_same_parameters(a, b):
     for key in ("actor", "critic", "mixer", "critic_target", "mixer_target"):
-        for name, value in a[key].items():
-            assert torch.equal(value, b[key][name]), f"{key}.{name} differs after resume"
+        for name, value in a["modules"][key].items():
+            assert torch.equal(value, b["modules"][key][name]), f"{key}.{name} differs after resume"
 
 
 def test_pymarl_h5_trains_and_resume_is_exact(tmp_path, jax_env):
@@ -554,8 +552,8 @@ def test_pymarl_h5_trains_and_resume_is_exact(tmp_path, jax_env):
     assert "resumed from" in out.stdout and "run directory: runs/resumed/" in out.stdout
     a = torch.load(tmp_path / "runs/straight/checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "runs/resumed/checkpoint.pt", weights_only=False)  # written: --save-model was restored
-    assert a["step"] == b["step"] == 4 and a["critic_steps"] == b["critic_steps"] == 4
-    assert a["actor"]["gru.weight_hh_l0"].shape == (3 * 16, 16)  # --actor-hidden sets the GRU width
+    assert a["step"] == b["step"] == 4 and a["state"]["critic_steps"] == b["state"]["critic_steps"] == 4
+    assert a["modules"]["actor"]["gru.weight_hh_l0"].shape == (3 * 16, 16)  # --actor-hidden sets the GRU width
     assert_same_parameters(a, b)
     summary = json.loads((tmp_path / "runs/resumed/summary.json").read_text())
     assert [e["step"] for e in summary["evaluations"]] == [2, 4]  # the history survives the resume
@@ -599,8 +597,8 @@ def test_sigint_saves_the_run_and_resume_finishes_it_exactly(tmp_path, jax_env):
     b = torch.load(tmp_path / "runs/cut/checkpoint.pt", weights_only=False)
     assert a["step"] == b["step"] == 40
     assert_same_parameters(a, b)
-    for name, value in a["behavior"].items():
-        assert torch.equal(value, b["behavior"][name])
+    for name, value in a["modules"]["behavior"].items():
+        assert torch.equal(value, b["modules"]["behavior"][name])
     summary = json.loads((tmp_path / "runs/cut/summary.json").read_text())
     assert not summary["interrupted"] and [e["step"] for e in summary["evaluations"]] == [15, 30, 40]
 
@@ -625,7 +623,8 @@ def test_behaviour_cloning_actor_does_not_depend_on_the_critic_updates(tmp_path,
         run_script(SCRIPT, *common, "--critic-updates", mode, "--run-name", mode, cwd=tmp_path, env=jax_env)
         actors[mode] = torch.load(tmp_path / f"runs/{mode}/checkpoint.pt", weights_only=False)
     a, b = actors["sequential"], actors["batched"]
-    assert a["critic_steps"] > b["critic_steps"] == 4  # the critics did train differently
+    assert a["state"]["critic_steps"] > b["state"]["critic_steps"] == 4  # the critics did train differently
+    a, b = a["modules"], b["modules"]
     assert any(not torch.equal(a["critic"][name], b["critic"][name]) for name in a["critic"])
     for name, value in a["actor"].items():
         assert torch.equal(value, b["actor"][name]), f"actor.{name} depends on the critic mode under --alpha inf"
@@ -638,7 +637,7 @@ def test_tiny_smax_run_end_to_end(tmp_path, jax_env):
         "3s_vs_5z",
         "--alpha",
         0.1,
-        "--dataset-episodes",
+        "--dataset-size",
         6,
         "--run-name",
         "tiny",
@@ -675,7 +674,7 @@ def test_tiny_smax_run_end_to_end(tmp_path, jax_env):
         "final_win_rate",
         "best_win_rate",
         "final_return",
-        "iterations_per_second",
+        "steps_per_second",
         "wall_seconds",
         "peak_rss_mb",
     ):
@@ -724,14 +723,13 @@ def test_bad_datasets(tmp_path, jax_env):
         ),
         "obs_shape 36 (dataset) vs 101 (env)",
     )
-    write_pymarl_h5(tmp_path / "nan.h5", nan_reward=True)
+    write_pymarl_h5(tmp_path / "huge.h5")  # finite data whose squared TD errors overflow float32
     assert_user_error(
-        run_script(
-            SCRIPT, "--env-backend", "smax", "--dataset-path", "nan.h5", *TINY, cwd=tmp_path, env=jax_env, check=False
-        ),
+        run_script(SCRIPT, "--env-backend", "smax", "--dataset-path", "huge.h5", "--reward-scale", 1e30, *TINY,
+                   cwd=tmp_path, env=jax_env, check=False),
         "non-finite loss",
-        "iteration 1",
-    )
+        "step 1",
+    )  # fmt: skip
 
 
 def test_raw_world_state_files_load_normalised(tmp_path):
@@ -750,7 +748,7 @@ def test_raw_world_state_files_load_normalised(tmp_path):
         state[:, 0] = raw  # the first row of each episode holds a real world state
         f["state"][...] = state
         reward = f["reward"][:]
-    data = load_dataset(
+    data = load_pymarl_hdf5(
         str(tmp_path / "raw.h5"), adapter.info, "3s_vs_5z", "smax", torch.device("cpu"), 10.0, adapter.raw_state
     )
     assert data["state"].shape[-1] == STATE
@@ -760,7 +758,7 @@ def test_raw_world_state_files_load_normalised(tmp_path):
     )  # --reward-scale 10
     write_pymarl_h5(tmp_path / "odd.h5", state=90)
     with pytest.raises(SystemExit, match="state_shape 90 \\(dataset\\) vs 80 \\(env, or 96 for its raw world state\\)"):
-        load_dataset(
+        load_pymarl_hdf5(
             str(tmp_path / "odd.h5"), adapter.info, "3s_vs_5z", "smax", torch.device("cpu"), 1.0, adapter.raw_state
         )
 
@@ -771,7 +769,7 @@ def test_strategy_mixed_dataset(tmp_path, capfd, quality):
     mixed: a worse controller's action is the majority at most states; split: a competent majority that agrees with the
     good controller for half of its agents, so only at some states."""
     path = str(tmp_path / "mixed.h5")
-    win_rate, _, not_majority = generate_smax_dataset(path, "3m", quality, 20, seed=0)
+    win_rate, _, not_majority = generate_smax_dataset(SmaxAdapter("3m"), path, quality, 20, seed=0)
     out = capfd.readouterr().out
     shares = np.array([MIXTURES[quality].get(name, 0.0) for name in CONTROLLERS])
     with h5py.File(path) as f:
@@ -784,3 +782,79 @@ def test_strategy_mixed_dataset(tmp_path, capfd, quality):
     for name in CONTROLLERS:
         if counts[CONTROLLERS.index(name)]:
             assert f"{name}: {counts[CONTROLLERS.index(name)]} episodes, win rate" in out
+
+
+def rewrite(path, **changes):
+    """Replace datasets of a PyMARL file (None deletes one)."""
+    with h5py.File(path, "r+") as f:
+        for key, value in changes.items():
+            del f[key]
+            if value is not None:
+                f.create_dataset(key, data=value)
+
+
+def broken_file(path, case):
+    """A PyMARL file of 3s_vs_5z with one thing wrong (issue 22's table)."""
+    if case == "empty":
+        path.write_bytes(b"")
+        return
+    write_pymarl_h5(path)
+    with h5py.File(path, "r") as f:
+        d = {k: f[k][:] for k in f}
+    if case.startswith("truncated"):
+        data = path.read_bytes()
+        path.write_bytes(data[: int(len(data) * float(case.split("_")[1]))])
+    elif case == "wrong_keys":
+        rewrite(path, reward=None, filled=None)
+    elif case == "string_reward":
+        rewrite(path, reward=np.full(d["reward"].shape, b"1.0"))
+    elif case == "reward_shape":
+        rewrite(path, reward=np.concatenate([d["reward"]] * 2, -1))
+    elif case == "nan_reward":
+        d["reward"][0, 0] = np.nan
+        rewrite(path, reward=d["reward"])
+    elif case == "inf_obs":
+        d["obs"][1, 0, 0, 0] = np.inf
+        rewrite(path, obs=d["obs"])
+    elif case == "zero_episodes":
+        rewrite(path, **{k: d[k][:0] for k in ("obs", "state", "actions", "avail_actions", "reward", "terminated",
+                                                 "filled")})  # fmt: skip
+    elif case == "continuous_actions":
+        rewrite(path, actions=d["actions"].astype(np.float32) + 0.25)
+    elif case == "action_out_of_range":
+        d["actions"][0, 0, 0, 0] = N_ACTIONS + 2
+        rewrite(path, actions=d["actions"])
+    elif case == "more_actions":
+        rewrite(path, avail_actions=np.concatenate([d["avail_actions"], d["avail_actions"][..., :2]], -1))
+    elif case == "more_agents":
+        rewrite(path, **{k: np.concatenate([d[k], d[k][:, :, :1]], 2) for k in ("obs", "actions", "avail_actions")})
+
+
+@pytest.mark.parametrize(
+    "case, fragment",
+    [
+        ("empty", "is not an HDF5 file"),
+        ("truncated_0.001", "may be truncated or corrupt"),
+        ("truncated_0.3", "may be truncated or corrupt"),
+        ("truncated_0.6", "may be truncated or corrupt"),
+        ("truncated_0.99", "may be truncated or corrupt"),
+        ("wrong_keys", "missing keys ['reward', 'filled']"),
+        ("string_reward", "not numbers in the PyMARL layout"),
+        ("reward_shape", "reward is float32 [6, 12, 2]"),
+        ("nan_reward", "reward holds NaN or inf"),
+        ("inf_obs", "obs holds NaN or inf"),
+        ("zero_episodes", "holds 0 episodes"),
+        ("continuous_actions", "not continuous actions"),
+        ("action_out_of_range", "actions range 0..12, the smax env has the discrete actions 0..9"),
+        ("more_actions", "n_actions 12 (dataset) vs 10 (env)"),
+        ("more_agents", "n_agents 4 (dataset) vs 3 (env)"),
+    ],
+)
+def test_broken_data_files_give_one_line(tmp_path, jax_env, case, fragment):
+    """Each broken file stops the run before it starts: one `error:` line naming the file, no traceback, no runs/."""
+    broken_file(tmp_path / "data.h5", case)
+    proc = run_script(SCRIPT, "--env-backend", "smax", "--dataset-path", "data.h5", cwd=tmp_path, env=jax_env,
+                      check=False)  # fmt: skip
+    assert_user_error(proc, fragment, "data.h5")
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [proc.stderr.strip()], proc.stderr
+    assert proc.stderr.startswith("error: ") and not (tmp_path / "runs").exists()

@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import icq_data  # noqa: E402
 import icq_ma_smac as m  # noqa: E402
 
 EPISODES, BUCKETS = 128, ((0, 5), (5, 20), (20, 60), (60, 250))
-COMPARED = [m.CONTROLLERS.index(name) for name in ("focus_kite", "spread", "hold", "split")]
+COMPARED = [icq_data.CONTROLLERS.index(name) for name in ("focus_kite", "spread", "hold", "split")]
 
 
 def kind(actions):  # 0 attack (5 + enemy), 1 move (0-3), 2 stop (4)
@@ -34,8 +35,8 @@ def closed_loop(path):
     info = adapter.info
     n_agents, n_actions = info["n_agents"], info["n_actions"]
     actor = m.Actor(info["obs_shape"], n_actions, n_agents, args["actor_hidden"])
-    actor.load_state_dict(ckpt["actor"])
-    policies = jax.jit(jax.vmap(lambda state, avail: m.controller_policies(adapter.env, state, avail)))
+    actor.load_state_dict(ckpt.get("modules", ckpt)["actor"])  # older checkpoints: the modules at the top
+    policies = jax.jit(jax.vmap(lambda state, avail: icq_data.controller_policies(adapter.env, state, avail)))
     confusion = np.zeros((3, 3))  # focus_kite's kind x the actor's kind, t < 60
     match, kinds, count = np.zeros((len(BUCKETS), len(COMPARED))), np.zeros((len(BUCKETS), 3)), np.zeros(len(BUCKETS))
     with torch.no_grad():

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import icq_data  # noqa: E402
 import icq_ma_smac as ma  # noqa: E402
 from benchmarks.floor import smax_cache_path  # noqa: E402
 
@@ -183,10 +184,10 @@ def main():
     torch.set_num_threads(cli.threads)
     adapter = ma.SmaxAdapter(cli.map)
     args = ma.Args(map=cli.map)
-    path = cli.dataset_path or smax_cache_path(cli.map, "medium", args.dataset_episodes)
+    path = cli.dataset_path or smax_cache_path(cli.map, "medium", args.dataset_size)
     if not os.path.isfile(path):
-        ma.generate_smax_dataset(path, cli.map, "medium", args.dataset_episodes, seed=0)
-    data = ma.load_dataset(path, adapter.info, cli.map, "smax", "cpu", 10.0, adapter.raw_state)
+        icq_data.generate_smax_dataset(adapter, path, "medium", args.dataset_size, seed=0)
+    data = ma.load_pymarl_hdf5(path, adapter.info, cli.map, "smax", "cpu", 10.0, adapter.raw_state)
     b = batch_of(data, cli.batch_size, cli.seed)
     valid, rows = int(b["mask"].sum()), b["mask"].numel()
     learner = Learner(adapter.info, adapter.info["n_agents"], adapter.info["n_actions"], cli.seed, args)

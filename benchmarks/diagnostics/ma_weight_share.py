@@ -30,7 +30,7 @@ LOGITS, AVAIL, ACTIONS, Q, K, MASK, VALID, CID, EARLY, RARE, ADV, T, PI, LOG_MU 
 def load_batches(ckpt, path, n_batches=40, batch_size=32):
     args = ckpt["args"]
     adapter = m.SmaxAdapter(args["map"])
-    data = m.load_dataset(path, adapter.info, args["map"], "smax", torch.device("cpu"), 10.0, adapter.raw_state)
+    data = m.load_pymarl_hdf5(path, adapter.info, args["map"], "smax", torch.device("cpu"), 10.0, adapter.raw_state)
     with h5py.File(path, "r") as f:
         if "controller" in f:
             controller, names = torch.as_tensor(f["controller"][:]), list(f.attrs["controller_names"])
@@ -42,11 +42,11 @@ def load_batches(ckpt, path, n_batches=40, batch_size=32):
     critic = m.Critic(info["state_shape"], info["obs_shape"], n_actions, n_agents)
     mixer = m.Mixer(info["state_shape"], n_agents)
     for net, key in ((actor, "actor"), (critic, "critic"), (mixer, "mixer")):
-        net.load_state_dict(ckpt[key])
+        net.load_state_dict(ckpt.get("modules", ckpt)[key])  # older checkpoints: the modules at the top
     behavior = None
     if args.get("normalizer") == "behavior":
         behavior = m.Actor(info["obs_shape"], n_actions, n_agents, args["actor_hidden"])
-        behavior.load_state_dict(ckpt["behavior"])
+        behavior.load_state_dict(ckpt.get("modules", ckpt)["behavior"])
     g = torch.Generator().manual_seed(0)
     batches = []
     with torch.no_grad():
@@ -78,7 +78,7 @@ def main(ckpt_path, path=None):
     args = ckpt["args"]
     # the run's data: --dataset-path (older runs: --dataset), else the generated file of its map and --quality
     path = path or args.get("dataset_path") or args.get("dataset")
-    path = path or smax_cache_path(args["map"], args["quality"], args["dataset_episodes"])
+    path = path or smax_cache_path(args["map"], args["quality"], args.get("dataset_size", args.get("dataset_episodes")))
     batches, names = load_batches(ckpt, path)
     n_controllers = len(names)
     present = [c for c in range(n_controllers) if any(bool((b[VALID] & (b[CID] == c)).any()) for b in batches)]

@@ -61,9 +61,10 @@ def main(runs):
         ess = scalar(run_dir, "losses/actor_weight_ess")
         wins = [e["win_rate"] for e in summary["evaluations"]]
         step = summary["evaluations"][-1]["step"]  # the seed-1 runs started before summaries had last3_mean / step
+        rate = summary.get("steps_per_second", summary.get("iterations_per_second"))  # older runs: iterations_
         done = step == a["total_steps"] and not summary.get("interrupted", False)
         rows.append((f"{a['map']}-{quality}", METHODS.index(method(a)), a["seed"], float(np.mean(wins[-3:])), max(wins),
-                     ess.mean() if len(ess) else 1.0, summary["iterations_per_second"], step, done))  # fmt: skip
+                     ess.mean() if len(ess) else 1.0, rate, step, done))  # fmt: skip
         store[run] = {"args": a, "data": rows[-1][0], "finished": done, "evaluations": summary["evaluations"],
                       "actor_weight_ess_mean": rows[-1][5]}  # fmt: skip
     lines = HEADER.splitlines() + ["", "| data | method | seed | iterations | last-3 mean | best | weight ESS | it/s |",
