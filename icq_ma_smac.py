@@ -136,6 +136,8 @@ def resolve_args(args):
                  "target_update_interval", "threads", "actor_hidden"):  # fmt: skip
         if getattr(args, name) < 1:
             fail(f"{flag(name)} must be >= 1 (got {getattr(args, name)})")
+    if args.dataset_path is not None and not os.path.isfile(args.dataset_path):
+        fail(f"--dataset-path {args.dataset_path}: no such file")
     return args
 
 
@@ -625,7 +627,7 @@ def main(args):
     if args.dataset_path is None and backend != "smax":
         fail(f"--env-backend {backend} needs --dataset-path PATH.h5 (PyMARL episode layout, recorded on this StarCraft "
              "II version)")  # fmt: skip
-    if not os.path.isfile(path):  # the main command records its SMAX data on first use
+    if args.dataset_path is None and not os.path.isfile(path):  # the main command records its SMAX data on first use
         import icq_data
 
         icq_data.generate_smax_dataset(adapter, path, args.quality, args.dataset_size, seed=0)
