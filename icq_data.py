@@ -9,6 +9,7 @@ run (for a cluster without network, or to inspect the data):
     python icq_data.py smax --map 3s_vs_5z --quality medium --dataset-size 1000
 """
 
+import json
 import os
 from typing import Literal
 
@@ -87,7 +88,70 @@ def lunar_discrete(quality: Literal["good", "medium", "mixed"] = "mixed", datase
 
 # =====================================================================================================================
 # LunarLanderContinuous-v3 (icq_continuous.py)
-# (section filled by the icq_continuous.py restructure)
+# Gymnasium's heuristic lander (continuous mode) and systematically worse landers; "mixed" holds four of them for a
+# quarter of its transitions each (docs/icq_continuous.md). h is the heuristic's action at the state.
+LANDERS = {
+    "heuristic": lambda h, rng: h,
+    "heuristic + N(0, 0.1)": lambda h, rng: np.clip(h + rng.normal(0, 0.1, 2), -1, 1),
+    "heuristic + N(0, 1)": lambda h, rng: np.clip(h + rng.normal(0, 1.0, 2), -1, 1),
+    "uniform random": lambda h, rng: rng.uniform(-1, 1, 2),
+    "main engine never fires": lambda h, rng: np.array([-1.0, h[1]]),
+    "main engine over-fires": lambda h, rng: np.array([min(h[0] + 1.0, 1.0), h[1]]),
+}
+BUILTIN = {  # quality -> {lander: share of the transitions}; the order seeds the lander noise (good 0, medium 1, ...)
+    "good": {"heuristic + N(0, 0.1)": 1.0},
+    "medium": {"heuristic + N(0, 1)": 1.0},
+    "mixed": {
+        "heuristic": 0.25,
+        "uniform random": 0.25,
+        "main engine never fires": 0.25,
+        "main engine over-fires": 0.25,
+    },
+}
+
+
+def record_lunar_continuous(quality, size, path):
+    """Roll out the BUILTIN[quality] landers for `size` transitions (whole episodes) into path.npz, and write
+    path.json with the episodes, the mean return and each lander's mean episode return."""
+    import gymnasium as gym
+    from gymnasium.envs.box2d.lunar_lander import heuristic
+
+    env, rng = gym.make("LunarLanderContinuous-v3"), np.random.default_rng(list(BUILTIN).index(quality))
+    cols = {k: [] for k in ("obs", "actions", "rewards", "terminals", "lengths", "lander")}
+    for lander, share in BUILTIN[quality].items():
+        steps = 0
+        while steps < share * size:
+            o, _ = env.reset(seed=1_000_000 + len(cols["lengths"]))  # evaluation uses seeds near 10_000
+            cols["obs"].append(o)
+            done, length = False, 0
+            while not done:
+                a = LANDERS[lander](heuristic(env, o), rng).astype(np.float32)
+                o, r, terminated, truncated, _ = env.step(a)
+                for k, v in zip(("obs", "actions", "rewards", "terminals"), (o, a, r, terminated)):
+                    cols[k].append(v)
+                done, length = terminated or truncated, length + 1
+            cols["lengths"].append(length), cols["lander"].append(list(LANDERS).index(lander))
+            steps += length
+    arrays = {k: np.array(v, np.float32 if k in ("obs", "actions", "rewards") else None) for k, v in cols.items()}
+    with open(atomic_path(path + ".npz"), "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(path + ".npz.tmp", path + ".npz")
+    ends = np.cumsum(arrays["lengths"])
+    returns = np.array(
+        [float(arrays["rewards"][start:end].sum()) for start, end in zip(ends - arrays["lengths"], ends)]
+    )
+    names = list(LANDERS)
+    landers = {names[k]: float(np.mean(returns[arrays["lander"] == k])) for k in np.unique(arrays["lander"])}
+    info = {"episodes": len(returns), "mean_return": float(np.mean(returns)), "lander_mean_return": landers}
+    with open(atomic_path(path + ".json"), "w") as f:
+        json.dump(info, f, indent=2)
+    os.replace(path + ".json.tmp", path + ".json")
+
+
+def lunar_continuous(quality: Literal["good", "medium", "mixed"] = "mixed", dataset_size: int = 100_000):
+    """icq_continuous.py's built-in data: datasets/LunarLanderContinuous-v3-{quality}-{dataset_size}.npz and .json."""
+    record_lunar_continuous(quality, dataset_size, f"datasets/LunarLanderContinuous-v3-{quality}-{dataset_size}")
+
 
 # =====================================================================================================================
 # SMAX (icq_ma_smac.py): scripted controllers and the recorder of their episodes
@@ -301,6 +365,7 @@ def smax(
 COMMANDS = {}
 COMMANDS["smax"] = smax
 COMMANDS["lunar-discrete"] = lunar_discrete
+COMMANDS["lunar-continuous"] = lunar_continuous
 
 
 def atomic_path(path):

@@ -42,10 +42,10 @@ def floor_continuous(opts, device):
     with h5py.File(opts.dataset_path, "r") as f:
         raw = sum(f[k].nbytes for k in ("observations", "actions", "rewards", "terminals", "timeouts"))
     columns, _ = m.load_d4rl_hdf5(opts.dataset_path, False)  # (transitions, episode returns)
-    data = m.make_dataset_tensors(columns, device)
+    keys = ("obs", "actions", "rewards", "next_obs", "next_actions", "dones")
+    data = {k: torch.as_tensor(np.asarray(c, dtype=np.float32), device=device) for k, c in zip(keys, columns)}
     held = sum(t.nbytes for t in data.values())
     obs_dim, act_dim = data["obs"].shape[1], data["actions"].shape[1]
-    keys = ("obs", "actions", "rewards", "next_obs", "next_actions", "dones")
     obs, act, rew, next_obs, next_act, done = (data[k][: opts.batch_size].clone() for k in keys)
     a = m.Args
     actor = m.Actor(obs_dim, act_dim, Box(-1.0, 1.0, (act_dim,))).to(device)

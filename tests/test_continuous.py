@@ -13,6 +13,7 @@ import tyro
 from conftest import ROOT, assert_user_error, run_script
 
 import icq_continuous as icq
+import icq_data
 
 SCRIPT = "icq_continuous.py"
 
@@ -291,7 +292,7 @@ def test_minari_end_to_end(tmp_path, monkeypatch):
         "max": 3000.0,
         "source": "Minari metadata of test/hopper/random-v0",
     }
-    assert summary["updates_per_second"] > 0 and summary["peak_rss_mb"] > 0 and summary["wall_seconds"] > 0
+    assert summary["steps_per_second"] > 0 and summary["peak_rss_mb"] > 0 and summary["wall_seconds"] > 0
     import minari
 
     episodes = list(minari.load_dataset("test/hopper/random-v0").iterate_episodes())
@@ -376,7 +377,9 @@ def test_minari_antmaze_dict_observations_and_success_score(tmp_path, monkeypatc
 
 def load_params(path):
     checkpoint = torch.load(path, weights_only=False)
-    return checkpoint, {f"{k}.{n}": v for k in ("actor", "critic", "critic_target") for n, v in checkpoint[k].items()}
+    return checkpoint, {
+        f"{k}.{n}": v for k in ("actor", "critic", "critic_target") for n, v in checkpoint["modules"][k].items()
+    }
 
 
 def test_d4rl_file_end_to_end_and_resume_equality(tmp_path):
@@ -512,7 +515,7 @@ def test_builtin_dataset(tmp_path):
     info = json.loads((tmp_path / "datasets/LunarLanderContinuous-v3-mixed-400.json").read_text())
     landers = summary["dataset_lander_returns"]
     assert landers == info["lander_mean_return"] and summary["dataset_return"] == pytest.approx(info["mean_return"])
-    assert list(landers) == list(icq.BUILTIN["mixed"]) and max(landers, key=landers.get) == "heuristic"
+    assert list(landers) == list(icq_data.BUILTIN["mixed"]) and max(landers, key=landers.get) == "heuristic"
     assert summary["args"]["preset"] == "lunarlander" and summary["reference_scores"]["min"] == icq.RANDOM_RETURN
     (evaluation,) = summary["evaluations"]
     assert evaluation["score"] == pytest.approx(
@@ -666,3 +669,94 @@ def test_preset_auto_follows_a_lunarlander_env_whatever_the_data(tmp_path):
         SCRIPT, *lunar, "--total-steps", 10, "--batch-size", 16, "--eval-episodes", 1, "--run-name", "l", cwd=tmp_path
     )
     assert json.loads((tmp_path / "runs/l/summary.json").read_text())["args"]["preset"] == "lunarlander"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# issue 22: broken data files and mismatched action spaces end in one line, with no traceback and no run directory
+def truncated(fraction):
+    def make(path):
+        write_d4rl_file(path, [(200, False)] * 5)
+        data = path.read_bytes()
+        path.write_bytes(data[: int(len(data) * fraction)])
+
+    return make
+
+
+def rewrite(**arrays):
+    def make(path):
+        write_d4rl_file(path, [(20, False), (10, True)])
+        with h5py.File(path, "a") as f:
+            for key, value in arrays.items():
+                del f[key]
+                if value is not None:
+                    f[key] = value
+
+    return make
+
+
+def zero_rows(path):
+    with h5py.File(path, "w") as f:
+        for key, shape in (("observations", (0, 11)), ("actions", (0, 3)), ("rewards", (0,))):
+            f[key] = np.zeros(shape, np.float32)
+        f["terminals"], f["timeouts"] = np.zeros(0, bool), np.zeros(0, bool)
+
+
+def nan_reward(path):
+    write_d4rl_file(path, [(20, False), (10, True)])
+    with h5py.File(path, "a") as f:
+        f["rewards"][3] = np.nan
+
+
+BROKEN_FILES = {
+    "truncated at 10 %": (truncated(0.1), "hopper.hdf5"),
+    "truncated at 50 %": (truncated(0.5), "hopper.hdf5"),
+    "truncated at 90 %": (truncated(0.9), "hopper.hdf5"),
+    "empty": (lambda path: path.write_bytes(b""), "not an HDF5 file"),
+    "not HDF5": (lambda path: path.write_text("observations,actions\n1,2\n"), "not an HDF5 file"),
+    "wrong keys": (rewrite(timeouts=None), "missing keys ['timeouts']"),
+    "wrong dtype": (rewrite(rewards=np.array([b"x"] * 30)), "rewards have dtype"),
+    "wrong shape": (rewrite(rewards=np.zeros(7, np.float32)), "not D4RL's layout"),
+    "NaN reward": (nan_reward, "rewards hold NaN or inf"),
+    "zero episodes": (zero_rows, "not D4RL's layout"),
+    "only one-step episodes": (rewrite(timeouts=np.ones(30, bool), terminals=np.zeros(30, bool)), "no transitions"),
+    "discrete actions": (rewrite(actions=np.zeros(30, np.int64)), "use icq_discrete.py"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_FILES))
+def test_broken_d4rl_file_is_one_line(tmp_path, case):
+    make, fragment = BROKEN_FILES[case]
+    make(tmp_path / "hopper.hdf5")
+    cli = ("--dataset-path", "hopper.hdf5", "--env-id", "Hopper-v5", "--total-steps", 10)
+    proc = run_script(SCRIPT, *cli, cwd=tmp_path, check=False, timeout=120)
+    assert_user_error(proc, fragment, "hopper.hdf5")
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == proc.stderr.strip().splitlines()[
+        -1:
+    ]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "cli, fragments",
+    [
+        (("--env-id", "LunarLander-v3"), ("LunarLander-v3 has discrete actions", "use icq_discrete.py")),
+        (("--dataset-id", "hopper-medium-v2"), ("did you mean --dataset-id mujoco/hopper/medium-v0", "Gymnasium v5")),
+        (("--dataset-id", "halfcheetah-medium-expert-v2"), ("did you mean --dataset-id mujoco/halfcheetah/medium-v0",)),
+        (("--dataset-id", "antmaze-medium-play-v2"), ("did you mean --dataset-id D4RL/antmaze/medium-play-v1",)),
+        (("--dataset-id", "pen-human-v1"), ("did you mean --dataset-id D4RL/pen/human-v2",)),
+        (("--dataset-id", "door-expert-v2"), ("did you mean --dataset-id D4RL/door/expert-v2",)),
+    ],
+)
+def test_discrete_env_and_d4rl_names_are_one_line(tmp_path, cli, fragments):
+    proc = run_script(SCRIPT, *cli, cwd=tmp_path, check=False)
+    assert_user_error(proc, *fragments)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_broken_builtin_cache_is_one_line(tmp_path):
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets/LunarLanderContinuous-v3-mixed-400.npz").write_bytes(b"PK\x03\x04 truncated")
+    (tmp_path / "datasets/LunarLanderContinuous-v3-mixed-400.json").write_text("{}")
+    proc = run_script(SCRIPT, "--dataset-size", 400, cwd=tmp_path, check=False)
+    assert_user_error(proc, "LunarLanderContinuous-v3-mixed-400.npz cannot be read", "record it again")
+    assert not (tmp_path / "runs").exists()

@@ -1,7 +1,7 @@
 """A strategy-mixed LunarLanderContinuous-v3 dataset in the D4RL HDF5 layout (not icq_continuous.py's built-in one).
 
 Whole episodes of five landers, each episode's lander drawn with SHARES (the best, the heuristic, is a 15 % minority);
-the landers are icq_continuous.py's own behaviour policies (LANDERS). Seeds differ from the built-in data's
+the landers are the built-in data's behaviour policies (icq_data.LANDERS). Seeds differ from the built-in data's
 (reset seeds from 2_000_000, rng seed 7). Writes observations, actions, rewards, terminals, timeouts, next_observations
 and `policy` (the lander index per row), and prints each lander's mean episode return.
 Usage: python benchmarks/diagnostics/make_lunar_mix.py OUT.hdf5 [TRANSITIONS]   (docs/icq_continuous.md, issue 16)
@@ -17,7 +17,7 @@ import numpy as np
 from gymnasium.envs.box2d.lunar_lander import heuristic
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from icq_continuous import LANDERS  # noqa: E402
+from icq_data import LANDERS  # noqa: E402
 
 SHARES = {
     "heuristic": 0.15,
