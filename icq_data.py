@@ -360,10 +360,39 @@ def smax(
     generate_smax_dataset(script.SmaxAdapter(map), path, quality, dataset_size, seed)
 
 
+def normalise_smax_state(adapter, source, path):
+    """A PyMARL file whose `state` is SMAX's raw world state (env.get_world_state, as other SMAX tools record it) ->
+    `path`, the same file with the state the script's SmaxAdapter observes (per-unit features scaled, ids dropped)."""
+    import h5py
+
+    scale = np.asarray(adapter.scale)
+    with h5py.File(source, "r") as f:
+        data, attrs = {k: f[k][:] for k in f}, dict(f.attrs)
+    if data["state"].shape[-1] <= len(scale):
+        raise SystemExit(f"error: {source}: state has {data['state'].shape[-1]} features, not the raw SMAX world state "
+                         f"of {adapter.map_name} (more than {len(scale)}); nothing to convert")  # fmt: skip
+    # as SmaxAdapter.observe: keep the per-unit features, scale them, clip the idle cooldowns below 0
+    data["state"] = np.clip(data["state"][..., : len(scale)].astype(np.float32) * scale, 0.0, 1.0)
+    with h5py.File(atomic_path(path), "w") as f:
+        for k, v in data.items():
+            f.create_dataset(k, data=v, compression="lzf", chunks=True)
+        f.attrs.update(attrs)
+    os.replace(path + ".tmp", path)
+
+
+def smax_state(map: str, source: str, path: str):
+    """Convert a PyMARL file with SMAX's raw world state (e.g. recorded by another SMAX tool) to icq_ma_smac.py's
+    normalised state: python icq_data.py smax-state --map 3s_vs_5z --source raw.h5 --path normalised.h5"""
+    import importlib
+
+    normalise_smax_state(importlib.import_module("icq_ma_smac").SmaxAdapter(map), source, path)
+
+
 # =====================================================================================================================
 # Command line: one subcommand per generator (each section adds its own to COMMANDS)
 COMMANDS = {}
 COMMANDS["smax"] = smax
+COMMANDS["smax-state"] = smax_state
 COMMANDS["lunar-discrete"] = lunar_discrete
 COMMANDS["lunar-continuous"] = lunar_continuous
 

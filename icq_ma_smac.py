@@ -1,13 +1,11 @@
 """Offline multi-agent RL with Implicit Constraint Q-learning (ICQ-MA) on StarCraft micromanagement (SMAC or SMAX).
 
-Implements Algorithm 2 of ICQ (Yang et al., "Believe What You See: Implicit Constraint Approach for Offline Multi-Agent
-Reinforcement Learning", NeurIPS 2021, arXiv 2106.03400). The critic evaluates pi* = mu * exp(Q_tot / alpha) / Z by
-TD(lambda) over rho * Q'_tot at dataset actions only (eq. 19-20); each agent extracts its policy by weighted behaviour
-cloning (the factorised KL(pi* || pi_theta), Sec. 4.3). Z is the softmax over a batch's episodes (the authors' code,
-`--normalizer batch`) or the paper's exact per-history Z^i(tau^i) from a learned behaviour policy (`behavior`).
-Backends: StarCraft II through smac/smacv2, or JaxMARL's SMAX without it (datasets recorded from scripted controllers
-by icq_data.py). Usage, logged metrics, details and results: docs/icq_ma_smac.md.
-"""
+Algorithm 2 of Yang et al., "Believe What You See: Implicit Constraint Approach for Offline Multi-Agent Reinforcement
+Learning" (NeurIPS 2021, arXiv 2106.03400): the critic evaluates pi* = mu exp(Q_tot / alpha) / Z by TD(lambda) over
+rho * Q'_tot at dataset actions only (eq. 19-20); each agent extracts its policy by weighted behaviour cloning (Sec.
+4.3). Z: the softmax over a batch's episodes (the authors', `--normalizer batch`) or the paper's per-history Z^i(tau^i)
+from a learned behaviour policy (`behavior`). Backends: StarCraft II (smac/smacv2) or JaxMARL's SMAX. Usage, metrics,
+details and results: docs/icq_ma_smac.md."""
 
 import copy
 import importlib
@@ -117,7 +115,7 @@ class Args:
 SMAX_DATASET = "datasets/smax_{map}_{quality}_{episodes}ep_v2.h5"  # generated from --map, --quality, --dataset-size
 DATA_KEYS = ("obs", "state", "actions", "avail_actions", "reward", "terminated", "filled")
 PYMARL_LAYOUT = (
-    "obs [E,T,N,O], state [E,T,S], actions [E,T,N,1], avail_actions [E,T,N,A], reward/terminated/filled [E,T,1]"
+    "obs [E,T,N,O], state [E,T,S], actions and avail_actions [E,T,N,1|A], reward, terminated, filled [E,T,1]"
 )
 
 
@@ -154,10 +152,8 @@ def transition_mask(filled, terminated):
     return mask & (terminated[:, :-1] | has_next)
 
 
-def load_pymarl_hdf5(path, info, map_name, backend, device, reward_scale=1.0, raw_state=None):
-    """Episode tensors on `device`, rewards times reward_scale, or one line saying what is wrong with the file.
-    raw_state = (size, scale): a `state` of that size is the raw SMAX world state (env.get_world_state), normalised
-    like SmaxAdapter's."""
+def read_pymarl_hdf5(path):
+    """The arrays of a PyMARL episode file (DATA_KEYS) and its map name, if it has one."""
     import h5py
 
     if not os.path.isfile(path) or not h5py.is_hdf5(path):
@@ -168,34 +164,33 @@ def load_pymarl_hdf5(path, info, map_name, backend, device, reward_scale=1.0, ra
             if any(k not in f for k in DATA_KEYS):
                 fail(f"{path} is not a PyMARL episode file: missing keys {[k for k in DATA_KEYS if k not in f]} (has "
                      f"{sorted(f.keys())}); needs {list(DATA_KEYS)}")  # fmt: skip
-            shapes, (E, T) = {k: f[k].shape for k in DATA_KEYS}, (f["obs"].shape + (None, None))[:2]
-            for k, rank in zip(DATA_KEYS, (4, 3, 4, 4, 3, 3, 3)):
-                if len(shapes[k]) != rank or shapes[k][:2] != (E, T) or (k in DATA_KEYS[4:] + ("actions",)) > (
-                    shapes[k][-1:] == (1,)) or f[k].dtype.kind not in "biuf":  # fmt: skip
-                    fail(f"{path}: {k} is {f[k].dtype} {list(shapes[k])}, not numbers in the PyMARL layout "
-                         f"({PYMARL_LAYOUT})")  # fmt: skip
-            if E == 0 or T < 2:
-                fail(f"{path} holds {E} episodes of {T} rows, no data; record or download the dataset again")
             data_map = f.attrs.get("map_name")
-            data_map = data_map.decode() if isinstance(data_map, bytes) else data_map
-            shape = {"n_agents": shapes["obs"][2], "n_actions": shapes["avail_actions"][3],
-                     "obs_shape": shapes["obs"][3], "state_shape": shapes["state"][2]}  # fmt: skip
-            normalise = raw_state is not None and shape["state_shape"] == raw_state[0] != info["state_shape"]
-            if normalise:
-                shape["state_shape"] = info["state_shape"]
-            diffs = [f"{k} {shape[k]} (dataset) vs {info[k]} (env)" for k in shape if shape[k] != info[k]]
-            if raw_state is not None and shape["state_shape"] != info["state_shape"]:
-                diffs[-1] = diffs[-1][:-1] + f", or {raw_state[0]} for its raw world state)"
-            if data_map is not None and data_map != map_name:
-                diffs.insert(0, f"map {data_map} (dataset) vs {map_name} (env)")
-            if diffs:
-                fail(f"{path} does not match the {backend} env of map {map_name}: {'; '.join(diffs)}. Use data "
-                     "recorded on the same map, backend and version (SMAX states: docs/icq_ma_smac.md)")  # fmt: skip
-            rows = int(f["filled"][:].reshape(len(f["filled"]), -1).sum(1).max())  # drop all-padding columns
-            raw = {k: f[k][:, : max(rows, 2)] for k in DATA_KEYS}
+            return {k: f[k][:] for k in DATA_KEYS}, getattr(data_map, "decode", lambda: data_map)()
     except OSError as exc:  # h5py raises it on open or on read of a truncated or corrupt file
         fail(f"{path} is not a readable HDF5 file: {str(exc).splitlines()[0][:100]}; it may be truncated or corrupt: "
              "download or record it again")  # fmt: skip
+
+
+def load_pymarl_hdf5(path, info, map_name, backend, device, reward_scale=1.0):
+    """Episode tensors on `device`, rewards times reward_scale, or one line saying what is wrong with the data."""
+    raw, data_map = read_pymarl_hdf5(path)
+    shapes, (E, T) = {k: raw[k].shape for k in DATA_KEYS}, (raw["obs"].shape + (0, 0))[:2]
+    for k, rank in zip(DATA_KEYS, (4, 3, 4, 4, 3, 3, 3)):
+        per_step = k in DATA_KEYS[4:] + ("actions",)  # one number per row (and agent)
+        if len(shapes[k]) != rank or shapes[k][:2] != (E, T) or per_step > (shapes[k][-1:] == (1,)) or (
+                raw[k].dtype.kind not in "biuf"):  # fmt: skip
+            fail(f"{path}: {k} is {raw[k].dtype} {list(shapes[k])}, not numbers in the PyMARL layout ({PYMARL_LAYOUT})")
+    if E == 0 or T < 2:
+        fail(f"{path} holds {E} episodes of {T} rows, no data; record or download the dataset again")
+    rows = int(raw["filled"].reshape(E, T).sum(1).max())  # drop the all-padding columns
+    raw = {k: v[:, : max(rows, 2)] for k, v in raw.items()}
+    shape = {"n_agents": shapes["obs"][2], "n_actions": shapes["avail_actions"][3], "obs_shape": shapes["obs"][3],
+             "state_shape": shapes["state"][2]}  # fmt: skip
+    diffs = [f"{k} {shape[k]} (dataset) vs {info[k]} (env)" for k in shape if shape[k] != info[k]]
+    diffs = [f"map {data_map} (dataset) vs {map_name} (env)"] * (data_map not in (None, map_name)) + diffs
+    if diffs:
+        fail(f"{path} does not match the {backend} env of map {map_name}: {'; '.join(diffs)}. Use data recorded on the "
+             "same map, backend and version (a raw SMAX world state: python icq_data.py smax-state)")  # fmt: skip
     for k in ("obs", "state", "reward"):
         if not np.isfinite(raw[k]).all():
             fail(f"{path}: {k} holds NaN or inf values; fix the file or record the dataset again")
@@ -203,10 +198,6 @@ def load_pymarl_hdf5(path, info, map_name, backend, device, reward_scale=1.0, ra
     if (raw["actions"] % 1 != 0).any() or low < 0 or high >= info["n_actions"]:
         fail(f"{path}: actions range {low:g}..{high:g}, the {backend} env has the discrete actions 0.."
              f"{info['n_actions'] - 1} (ICQ-MA needs the action ids, not continuous actions)")  # fmt: skip
-    if normalise:  # as SmaxAdapter.observe: keep the per-unit features, scale them, clip the idle cooldowns below 0
-        raw["state"] = np.clip(raw["state"][..., : len(raw_state[1])].astype(np.float32) * raw_state[1], 0.0, 1.0)
-        print(f"{path}: state is the raw SMAX world state ({raw_state[0]} features); normalised to "
-              f"{info['state_shape']} on load")  # fmt: skip
     data = {"obs": torch.as_tensor(raw["obs"]), "state": torch.as_tensor(raw["state"]),  # float16 files stay float16
             "actions": torch.as_tensor(raw["actions"].reshape(raw["actions"].shape[:3]).astype(np.int64)),
             "avail": torch.as_tensor(raw["avail_actions"] != 0)}  # fmt: skip
@@ -282,8 +273,8 @@ class Mixer(nn.Module):
 # ICQ losses
 @torch.no_grad()
 def icq_weights(x, temperature, mask=None, dim=0):
-    """n * softmax(x / temperature) along `dim` over the valid entries: the practical Z of the paper (Sec. 4.1).
-    mask: bool like x (None: all valid); invalid entries get weight 0, n counts the valid ones (weights average 1)."""
+    """n * softmax(x / temperature) along `dim` over the valid entries: the practical Z of the paper (Sec. 4.1). mask:
+    bool like x (None: all valid); invalid entries get weight 0, n counts the valid ones (weights average 1)."""
     logits = x / temperature
     if mask is None:
         return x.shape[dim] * torch.softmax(logits, dim=dim)
@@ -293,18 +284,17 @@ def icq_weights(x, temperature, mask=None, dim=0):
 
 @torch.no_grad()
 def behavior_weights(x, actions, log_mu, temperature):
-    """The exact per-state weight exp(x(a)/T) / Z(tau), Z(tau) = sum_b mu(b|tau) exp(x(b)/T) (the paper's Z of
-    pi* = mu exp(x/T) / Z), at the data action a, in log space. x, log_mu (-inf at unavailable actions) [..., A];
-    actions [...]. Returns [...]; a baseline added to x cancels, and E_{a ~ mu}[weight] = 1 in every state."""
+    """The exact per-state weight exp(x(a)/T) / Z(tau), Z(tau) = sum_b mu(b|tau) exp(x(b)/T) (the paper's Z of pi* = mu
+    exp(x/T) / Z), at the data action a, in log space. x, log_mu (-inf at unavailable actions) [..., A]; actions [...].
+    Returns [...]; a baseline added to x cancels, and E_{a ~ mu}[weight] = 1 in every state."""
     logits = x / temperature
     log_z = torch.logsumexp(log_mu + logits, -1)
     return (logits.gather(-1, actions.unsqueeze(-1)).squeeze(-1) - log_z).exp()
 
 
 def td_lambda_targets(rewards, terminated, mask, target_qs, gamma, td_lambda):
-    """TD(lambda) returns G_t = r_t + gamma (1 - d_t) [(1 - lambda) y_{t+1} + lambda G_{t+1}] (eq. 20).
-    rewards, terminated, mask: [B, T-1]; target_qs [B, T]: y_t, the bootstrap value of row t. Returns [B, T-1], 0 where
-    mask is 0; after the last valid transition the return bootstraps on y alone."""
+    """TD(lambda) returns G_t = r_t + gamma (1 - d_t) [(1 - lambda) y_{t+1} + lambda G_{t+1}] (eq. 20), [B, T-1], 0
+    where mask is 0; rewards, terminated, mask [B, T-1]; target_qs [B, T]: y_t, the bootstrap value of row t."""
     returns = torch.zeros_like(rewards)
     next_return, next_valid = target_qs[:, -1], torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
@@ -316,14 +306,13 @@ def td_lambda_targets(rewards, terminated, mask, target_qs, gamma, td_lambda):
 
 @torch.no_grad()
 def critic_targets(target_q, actions, k, bias, rewards, terminated, mask, gamma, td_lambda, critic_alpha, log_mu=None):
-    """The ICQ-MA critic target: TD(lambda) over y = rho * Q'_tot, rho = exp(Q'_tot/alpha)/Z (eq. 19).
-
-    target_q [B,T,N,A] from the target critic; actions [B,T,N] dataset actions; k [B,T,N], bias [B,T] from the target
-    mixer; rewards, terminated, mask [B,T-1]. Returns the targets [B,T-1] and rho [B,T] (0 where nothing bootstraps).
-    log_mu None (--normalizer batch): Z is the softmax per timestep over the episodes that bootstrap from that row; Q'
-    is read at dataset actions only. log_mu [B,T,N,A] (behavior): the exact Z(tau) = E_{a ~ mu}[exp(Q_tot(tau,a)/c)];
-    with a factorised mu and the linear mixer, rho is the product of the agents' own behavior_weights of k_i Q_i (the
-    bias cancels; derivation in docs/icq_ma_smac.md, "Normalisers")."""
+    """The ICQ-MA critic target: TD(lambda) over y = rho * Q'_tot, rho = exp(Q'_tot/alpha)/Z (eq. 19). target_q
+    [B,T,N,A] from the target critic; actions [B,T,N] dataset actions; k [B,T,N], bias [B,T] from the target mixer;
+    rewards, terminated, mask [B,T-1]. Returns the targets [B,T-1] and rho [B,T] (0 where nothing bootstraps). log_mu
+    None (--normalizer batch): Z is the softmax per timestep over the episodes that bootstrap from that row; Q' is read
+    at dataset actions only. log_mu [B,T,N,A] (behavior): the exact Z(tau) = E_{a ~ mu}[exp(Q_tot(tau,a)/c)]; with a
+    factorised mu and the linear mixer, rho is the product of the agents' own behavior_weights of k_i Q_i (the bias
+    cancels; derivation in docs/icq_ma_smac.md, "Normalisers")."""
     q_taken = target_q.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
     mask = mask.bool()
     bootstrapped = torch.cat([torch.zeros_like(mask[:, :1]), mask & (terminated == 0)], 1)
@@ -336,13 +325,12 @@ def critic_targets(target_q, actions, k, bias, rewards, terminated, mask, gamma,
 
 
 def on_valid_rows(net, rows, *inputs):
-    """net(*inputs) at the (episode, t) rows where `rows` [B, T] is true only, each output scattered back into zeros
-    [B, T, ...]: the padding rows of a batch are skipped, and rows left at zero are never read."""
+    """net(*inputs) at the (episode, t) rows where `rows` [B, T] is true only, each output scattered back into zeros [B,
+    T, ...]: the padding rows of a batch are skipped, and rows left at zero are never read."""
     index = rows.nonzero(as_tuple=True)
     out = net(*(x[index] for x in inputs))
-    outs = [
-        y.new_zeros(rows.shape + y.shape[1:]).index_put_(index, y) for y in (out if isinstance(out, tuple) else [out])
-    ]
+    outs = [y.new_zeros(rows.shape + y.shape[1:]).index_put_(index, y)
+            for y in (out if isinstance(out, tuple) else [out])]  # fmt: skip
     return tuple(outs) if isinstance(out, tuple) else outs[0]
 
 
@@ -372,7 +360,6 @@ def masked_log_softmax(logits, avail):
 
 def actor_loss(logits, avail, actions, q_values, k, mask, alpha, weight_in_exponent=False, log_mu=None):
     """Weighted behaviour cloning of each agent (Sec. 4.3): -mean(k_i * icq_weights(A_i / alpha) * log pi_i(a_i)).
-
     logits, q_values [B,T,N,A]; avail bool [B,T,N,A]; actions [B,T,N]; k [B,T,N] mixer weights; mask [B,T] valid
     transitions. A_i = Q_i(a_i) - sum_a pi_i(a) Q_i(a) (the counterfactual baseline); the batch softmax runs over
     episodes for each (t, i); weight_in_exponent: icq_weights(k_i A_i / alpha). alpha = inf is exact BC (every weight
@@ -397,14 +384,12 @@ def actor_loss(logits, avail, actions, q_values, k, mask, alpha, weight_in_expon
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Environments, behind one batched interface: info (n_agents, n_actions, obs_shape, state_shape, episode_limit),
-# max_batch, reset(n, seed) -> obs [n,N,O], state [n,S], avail [n,N,A], and
-# step(actions [n,N]) -> obs, state, avail, reward [n], terminated [n], won [n] (numpy arrays).
-# SMAC's episode limits (smac_maps.py), used as SMAX max_steps so episodes are as long as in SMAC.
+# max_batch, reset(n, seed) -> obs [n,N,O], state [n,S], avail [n,N,A], and step(actions [n,N]) -> obs, state, avail,
+# reward [n], terminated [n], won [n] (numpy arrays). SMAX max_steps: SMAC's episode limits (smac_maps.py).
 SMAX_EPISODE_LIMITS = {
     "3m": 60, "8m": 120, "25m": 150, "5m_vs_6m": 70, "10m_vs_11m": 150, "27m_vs_30m": 180, "2s3z": 120, "3s5z": 150,
     "3s5z_vs_3s6z": 170, "3s_vs_5z": 250, "6h_vs_8z": 150, "smacv2_5_units": 200, "smacv2_10_units": 200,
-    "smacv2_20_units": 200,
-}  # fmt: skip
+    "smacv2_20_units": 200}  # fmt: skip
 SMAC_INSTALL = ("install it with `pip install git+https://github.com/oxwhirl/{pkg}.git` and StarCraft II (set SC2PATH, "
                 "default ~/StarCraftII, with the SMAC maps in $SC2PATH/Maps), or use --env-backend smax")  # fmt: skip
 
@@ -412,7 +397,7 @@ SMAC_INSTALL = ("install it with `pip install git+https://github.com/oxwhirl/{pk
 class SmacAdapter:
     """A smac/smacv2 StarCraft2Env (one StarCraft II process, so one episode at a time)."""
 
-    max_batch, raw_state = 1, None
+    max_batch = 1
 
     def __init__(self, env):
         self.env = env
@@ -441,17 +426,13 @@ class SmaxAdapter:
     def __init__(self, map_name):
         import jax
 
-        # JaxMARL's import-time print reaches the terminal even under contextlib.redirect_stdout: fd 1 -> /dev/null
-        sys.stdout.flush()
+        sys.stdout.flush()  # JaxMARL's import-time print escapes contextlib.redirect_stdout: fd 1 -> /dev/null
         saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, 1)
         try:
             jaxmarl = importlib.import_module("jaxmarl")
         finally:
-            sys.stdout.flush()
-            os.dup2(saved, 1)
-            os.close(saved)
-            os.close(null)
+            sys.stdout.flush(), os.dup2(saved, 1), os.close(saved), os.close(null)
         from jaxmarl.environments.smax import map_name_to_scenario
 
         self.jax, self.map_name, limit = jax, map_name, SMAX_EPISODE_LIMITS[map_name]
@@ -462,8 +443,6 @@ class SmaxAdapter:
         per_unit = [1.0, 1.0 / env.map_width, 1.0 / env.map_height, 1.0 / float(env.unit_type_weapon_cooldowns.max())]
         per_unit = np.array(per_unit + [1.0] * len(env.unit_type_names), np.float32)
         self.scale = jax.numpy.asarray(np.tile(per_unit, env.num_allies + env.num_enemies))
-        world = jax.eval_shape(lambda key: env.get_world_state(env.reset(key)[1]), jax.random.PRNGKey(0))
-        self.raw_state = (int(world.shape[0]), np.asarray(self.scale))  # files that store get_world_state as is
         self.info = {"n_agents": env.num_allies, "n_actions": int(env.action_space(env.agents[0]).n),
                      "obs_shape": int(env.observation_space(env.agents[0]).shape[0]), "state_shape": len(self.scale),
                      "episode_limit": limit}  # fmt: skip
@@ -569,10 +548,9 @@ def evaluate(actor, adapter, episodes, seed, device, sample=False):
             obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
             logits, h = actor(obs_t[:, None], last[:, None], h)
             log_pi, _ = masked_log_softmax(logits[:, 0], torch.as_tensor(avail, device=device))
-            sampled = (
-                torch.multinomial(log_pi.exp().flatten(0, 1), 1, generator=generator).view(n, -1) if sample else None
-            )
-            act = sampled if sample else log_pi.argmax(-1)
+            act = log_pi.argmax(-1)
+            if sample:
+                act = torch.multinomial(log_pi.exp().flatten(0, 1), 1, generator=generator).view(n, -1)
             obs, _, avail, reward, terminated, battle_won = adapter.step(act.cpu().numpy())
             ret += reward * active
             won |= battle_won & active
@@ -632,7 +610,7 @@ def main(args):
 
         icq_data.generate_smax_dataset(adapter, path, args.quality, args.dataset_size, seed=0)
     reward_scale = args.reward_scale if args.reward_scale is not None else (10.0 if backend == "smax" else 1.0)
-    data = load_pymarl_hdf5(path, adapter.info, args.map, backend, device, reward_scale, adapter.raw_state)
+    data = load_pymarl_hdf5(path, adapter.info, args.map, backend, device, reward_scale)
     dataset_return = float((data["reward"] * data["mask"]).sum(1).mean()) / reward_scale
     num_episodes, (n_agents, n_actions) = data["obs"].shape[0], (adapter.info["n_agents"], adapter.info["n_actions"])
     obs_dim, state_dim = adapter.info["obs_shape"], adapter.info["state_shape"]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT, assert_user_error, run_script
 
-from icq_data import CONTROLLERS, MIXTURES, generate_smax_dataset
+from icq_data import CONTROLLERS, MIXTURES, generate_smax_dataset, normalise_smax_state
 from icq_ma_smac import (
     Actor,
     Critic,
@@ -732,8 +732,9 @@ def test_bad_datasets(tmp_path, jax_env):
     )  # fmt: skip
 
 
-def test_raw_world_state_files_load_normalised(tmp_path):
-    """A file whose `state` is env.get_world_state as is loads as the state SmaxAdapter observes; other sizes fail."""
+def test_raw_world_state_files_convert_to_the_observed_state(tmp_path):
+    """A file whose `state` is env.get_world_state as is converts (icq_data.py smax-state) to the state SmaxAdapter
+    observes and then loads; unconverted, it and other sizes fail in one line."""
     import jax
 
     adapter = SmaxAdapter("3s_vs_5z")
@@ -741,15 +742,18 @@ def test_raw_world_state_files_load_normalised(tmp_path):
     states = [adapter.env.reset(key)[1] for key in keys]
     raw = np.stack([np.asarray(adapter.env.get_world_state(st)) for st in states])
     observed = np.stack([np.asarray(adapter.observe(st)[1]) for st in states])
-    assert raw.shape[1] == adapter.raw_state[0] == 96 and observed.shape[1] == STATE
+    assert raw.shape[1] == 96 and observed.shape[1] == STATE
     write_pymarl_h5(tmp_path / "raw.h5", episodes=6, rows=12, state=96)
     with h5py.File(tmp_path / "raw.h5", "r+") as f:
         state = f["state"][:]
         state[:, 0] = raw  # the first row of each episode holds a real world state
         f["state"][...] = state
         reward = f["reward"][:]
+    with pytest.raises(SystemExit, match="state_shape 96 \\(dataset\\) vs 80 \\(env\\).*icq_data.py smax-state"):
+        load_pymarl_hdf5(str(tmp_path / "raw.h5"), adapter.info, "3s_vs_5z", "smax", torch.device("cpu"), 10.0)
+    normalise_smax_state(adapter, str(tmp_path / "raw.h5"), str(tmp_path / "normalised.h5"))
     data = load_pymarl_hdf5(
-        str(tmp_path / "raw.h5"), adapter.info, "3s_vs_5z", "smax", torch.device("cpu"), 10.0, adapter.raw_state
+        str(tmp_path / "normalised.h5"), adapter.info, "3s_vs_5z", "smax", torch.device("cpu"), 10.0
     )
     assert data["state"].shape[-1] == STATE
     np.testing.assert_allclose(data["state"][:, 0].numpy(), observed, atol=1e-6)
@@ -757,10 +761,10 @@ def test_raw_world_state_files_load_normalised(tmp_path):
         data["reward"].numpy(), reward[:, : data["reward"].shape[1], 0] * 10.0, rtol=1e-6
     )  # --reward-scale 10
     write_pymarl_h5(tmp_path / "odd.h5", state=90)
-    with pytest.raises(SystemExit, match="state_shape 90 \\(dataset\\) vs 80 \\(env, or 96 for its raw world state\\)"):
-        load_pymarl_hdf5(
-            str(tmp_path / "odd.h5"), adapter.info, "3s_vs_5z", "smax", torch.device("cpu"), 1.0, adapter.raw_state
-        )
+    with pytest.raises(SystemExit, match="state_shape 90 \\(dataset\\) vs 80 \\(env\\)"):
+        load_pymarl_hdf5(str(tmp_path / "odd.h5"), adapter.info, "3s_vs_5z", "smax", torch.device("cpu"), 1.0)
+    with pytest.raises(SystemExit, match="not the raw SMAX world state"):
+        normalise_smax_state(adapter, str(tmp_path / "normalised.h5"), str(tmp_path / "twice.h5"))
 
 
 @pytest.mark.parametrize("quality", ["mixed", "split"])

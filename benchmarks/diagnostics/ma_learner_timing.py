@@ -187,7 +187,7 @@ def main():
     path = cli.dataset_path or smax_cache_path(cli.map, "medium", args.dataset_size)
     if not os.path.isfile(path):
         icq_data.generate_smax_dataset(adapter, path, "medium", args.dataset_size, seed=0)
-    data = ma.load_pymarl_hdf5(path, adapter.info, cli.map, "smax", "cpu", 10.0, adapter.raw_state)
+    data = ma.load_pymarl_hdf5(path, adapter.info, cli.map, "smax", "cpu", 10.0)
     b = batch_of(data, cli.batch_size, cli.seed)
     valid, rows = int(b["mask"].sum()), b["mask"].numel()
     learner = Learner(adapter.info, adapter.info["n_agents"], adapter.info["n_actions"], cli.seed, args)

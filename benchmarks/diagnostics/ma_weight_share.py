@@ -30,7 +30,7 @@ LOGITS, AVAIL, ACTIONS, Q, K, MASK, VALID, CID, EARLY, RARE, ADV, T, PI, LOG_MU 
 def load_batches(ckpt, path, n_batches=40, batch_size=32):
     args = ckpt["args"]
     adapter = m.SmaxAdapter(args["map"])
-    data = m.load_pymarl_hdf5(path, adapter.info, args["map"], "smax", torch.device("cpu"), 10.0, adapter.raw_state)
+    data = m.load_pymarl_hdf5(path, adapter.info, args["map"], "smax", torch.device("cpu"), 10.0)
     with h5py.File(path, "r") as f:
         if "controller" in f:
             controller, names = torch.as_tensor(f["controller"][:]), list(f.attrs["controller_names"])
