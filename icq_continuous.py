@@ -480,7 +480,6 @@ def main(args):
     info = {"dataset": data_name, "dataset_return": float(np.mean(returns)), "dataset_lander_returns": landers,
             "reference_scores": refs and dict(zip(("min", "max", "source"), refs)), "q_bound": q_bound}  # fmt: skip
     start_step = run.begin(modules, device, state=state, info=info, metrics=("score", "return"))  # fmt: skip
-    state.update({k: torch.as_tensor(v, device=device) for k, v in state.items()})  # a checkpoint's are on the CPU
     nonfinite_step = torch.full((), -1, device=device)  # first step with a NaN/inf loss, read at log intervals
     warned, step = False, start_step
     for step in range(start_step + 1, args.total_steps + 1):

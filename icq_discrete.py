@@ -379,7 +379,6 @@ def main(args):
     info = dict(dataset=data_name, dataset_return=dataset_return, component_returns=components,
                 heuristic_is_majority=heuristic_is_majority, q_bound=q_bound)  # fmt: skip
     start_step = run.begin(modules, device, state=state, info=info, metrics=("score", "return"))
-    state.update({k: v.to(device) for k, v in state.items()})  # a resumed run's come from the checkpoint on the CPU
 
     use_behavior, warned = args.normalizer == "behavior", False
     q_fix = ("a larger --critic-alpha" if use_behavior else "--critic-weight-scale 0.5 or a larger --critic-alpha"

@@ -133,7 +133,7 @@ class Run:
             torch.set_rng_state(ckpt["rng"]["torch"])
             if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
                 torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-            self.state.update(ckpt["state"])
+            self.state.update({k: v.to(device) if torch.is_tensor(v) else v for k, v in ckpt["state"].items()})
             self.start_step, self.evaluations, self.segments = ckpt["step"], ckpt["evaluations"], ckpt["segments"]
             print(f"resumed from {self.args.resume} at step {self.start_step}")
         print(f"run directory: {self.dir}/")

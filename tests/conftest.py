@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests import the ICQ loss functions from the scripts
 
@@ -32,3 +35,16 @@ def assert_user_error(proc, *fragments):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     for fragment in fragments:
         assert fragment in proc.stderr, f"{fragment!r} not in stderr:\n{proc.stderr[-3000:]}"
+
+
+def write_lunar_data(path, discrete, episodes=3, length=40):
+    """Random LunarLander(Continuous)-v3 shaped data in the D4RL layout; the last step of each episode is a timeout."""
+    rng = np.random.default_rng(0)
+    n = episodes * length
+    timeouts = np.zeros(n, bool)
+    timeouts[length - 1 :: length] = True
+    with h5py.File(path, "w") as f:
+        f["observations"] = rng.normal(size=(n, 8)).astype(np.float32)
+        f["actions"] = rng.integers(4, size=n) if discrete else rng.uniform(-1, 1, (n, 2)).astype(np.float32)
+        f["rewards"] = rng.normal(size=n).astype(np.float32)
+        f["terminals"], f["timeouts"] = np.zeros(n, bool), timeouts

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_user_error, run_script
+from conftest import ROOT, assert_user_error, run_script, write_lunar_data
 
 import icq_harness as harness
 
@@ -179,23 +179,11 @@ def test_progress_line_and_eta_format():
 # --- a real script killed hard (SIGKILL) after its first checkpoint ------------------------------------------------
 
 
-def write_discrete_lunar(path, episodes=20, length=50):
-    rng = np.random.default_rng(0)
-    n = episodes * length
-    timeouts = np.zeros(n, bool)
-    timeouts[length - 1 :: length] = True
-    with h5py.File(path, "w") as f:
-        f["observations"] = rng.normal(size=(n, 8)).astype(np.float32)
-        f["actions"] = rng.integers(4, size=n)
-        f["rewards"] = rng.normal(size=n).astype(np.float32)
-        f["terminals"], f["timeouts"] = np.zeros(n, bool), timeouts
-
-
 def test_a_default_run_killed_hard_resumes_to_the_same_parameters(tmp_path):
     """No --save-model given: checkpoints are on by default, so SIGKILL loses at most one evaluation interval."""
-    write_discrete_lunar(tmp_path / "lunar.hdf5")
-    common = ["--dataset-path", "lunar.hdf5", "--env-id", "LunarLander-v3", "--total-steps", "3000",
-              "--eval-interval", "500", "--eval-episodes", "1", "--log-interval", "500", "--batch-size", "64"]  # fmt: skip
+    write_lunar_data(tmp_path / "lunar.hdf5", discrete=True, episodes=20, length=50)
+    common = "--dataset-path lunar.hdf5 --env-id LunarLander-v3 --total-steps 3000 --eval-interval 500".split()
+    common += "--eval-episodes 1 --log-interval 500 --batch-size 64".split()
     env = {"OMP_NUM_THREADS": "1"}
     run_script("icq_discrete.py", *common, "--run-name", "straight", cwd=tmp_path, env=env)
     proc = subprocess.Popen([sys.executable, str(ROOT / "icq_discrete.py"), *common, "--run-name", "killed"],

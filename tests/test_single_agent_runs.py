@@ -7,31 +7,17 @@ import signal
 import subprocess
 import sys
 
-import h5py
 import numpy as np
 import pytest
 import torch
 import tyro
-from conftest import ROOT, assert_user_error, run_script
+from conftest import ROOT, assert_user_error, run_script, write_lunar_data
 
 import icq_continuous
 import icq_discrete
 
 SCRIPTS = {"icq_continuous.py": icq_continuous, "icq_discrete.py": icq_discrete}
 ENV = {"OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-
-
-def write_lunar_data(path, discrete, episodes=3, length=40):
-    """Random LunarLander(Continuous)-v3 shaped data in the D4RL layout; the last step of each episode is a timeout."""
-    rng = np.random.default_rng(0)
-    n = episodes * length
-    timeouts = np.zeros(n, bool)
-    timeouts[length - 1 :: length] = True
-    with h5py.File(path, "w") as f:
-        f["observations"] = rng.normal(size=(n, 8)).astype(np.float32)
-        f["actions"] = rng.integers(4, size=n) if discrete else rng.uniform(-1, 1, (n, 2)).astype(np.float32)
-        f["rewards"] = rng.normal(size=n).astype(np.float32)
-        f["terminals"], f["timeouts"] = np.zeros(n, bool), timeouts
 
 
 def data_args(tmp_path, script):
