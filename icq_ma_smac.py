@@ -56,9 +56,7 @@ class Args:
     """torch CPU threads (the many small per-timestep critic steps run fastest on one)"""
 
     # Data and environment
-    dataset_path: Annotated[Optional[str], resolved_default("smax: datasets/smax_{map}_{quality}_{size}ep_v2.h5")] = (
-        None
-    )
+    dataset_path: Annotated[Optional[str], resolved_default("smax: datasets/smax_{map}_{quality}_{N}ep_v2.h5")] = None
     """an HDF5 file in the PyMARL episode layout; without it, smax records the default file on first use"""
     map: str = "3s_vs_5z"
     """SMAC map, SMACv2 scenario (e.g. protoss_5_vs_5) or SMAX scenario"""
@@ -134,8 +132,6 @@ def resolve_args(args):
                  "target_update_interval", "threads", "actor_hidden"):  # fmt: skip
         if getattr(args, name) < 1:
             fail(f"{flag(name)} must be >= 1 (got {getattr(args, name)})")
-    if args.dataset_path is not None and not os.path.isfile(args.dataset_path):
-        fail(f"--dataset-path {args.dataset_path}: no such file")
     return args
 
 
@@ -143,8 +139,7 @@ def resolve_args(args):
 # Data (PyMARL episode batches): row t holds obs/state/avail before action t, and action/reward/terminated of step t;
 # the filled row after the last step holds the final obs (a dummy action). Transition t is valid when rows t and t+1 are
 # filled, no terminal came before, and it is terminal or followed by a valid transition (no Q outside the data is read).
-def transition_mask(filled, terminated):
-    """filled, terminated: [E, T] -> bool [E, T-1]."""
+def transition_mask(filled, terminated):  # [E, T] each -> bool [E, T-1]
     filled, terminated = filled.bool(), terminated.bool()
     ended_before = torch.cumsum(terminated.long(), 1) - terminated.long() > 0
     mask = filled[:, :-1] & filled[:, 1:] & ~ended_before[:, :-1]
@@ -383,9 +378,10 @@ def actor_loss(logits, avail, actions, q_values, k, mask, alpha, weight_in_expon
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Environments, behind one batched interface: info (n_agents, n_actions, obs_shape, state_shape, episode_limit),
-# max_batch, reset(n, seed) -> obs [n,N,O], state [n,S], avail [n,N,A], and step(actions [n,N]) -> obs, state, avail,
-# reward [n], terminated [n], won [n] (numpy arrays). SMAX max_steps: SMAC's episode limits (smac_maps.py).
+# Environments, one batched interface: info (n_agents, n_actions, obs_shape, state_shape, episode_limit), max_batch,
+# reset(n, seed) -> obs [n,N,O], state [n,S], avail [n,N,A]; step(actions [n,N]) -> obs, state, avail, reward [n],
+# terminated [n], won [n] (numpy). SMAX's max_steps are SMAC's episode limits (smac_maps.py).
+SC2PATH = os.environ.get("SC2PATH", os.path.expanduser("~/StarCraftII"))
 SMAX_EPISODE_LIMITS = {
     "3m": 60, "8m": 120, "25m": 150, "5m_vs_6m": 70, "10m_vs_11m": 150, "27m_vs_30m": 180, "2s3z": 120, "3s5z": 150,
     "3s5z_vs_3s6z": 170, "3s_vs_5z": 250, "6h_vs_8z": 150, "smacv2_5_units": 200, "smacv2_10_units": 200,
@@ -488,12 +484,11 @@ def smac_env(backend, map_name, seed):
     try:
         module = importlib.import_module(f"{pkg}.env")
         maps = importlib.import_module(f"{pkg}.env.starcraft2.maps")
-    except ImportError:  # note: `pip install smac` from PyPI is SMAC3, an unrelated optimiser without smac.env
+    except ImportError:
         fail(f"--env-backend {backend}: the {pkg} package (StarCraft Multi-Agent Challenge) is not installed; "
              + SMAC_INSTALL.format(pkg=pkg))  # fmt: skip
-    sc2path = os.environ.get("SC2PATH", os.path.expanduser("~/StarCraftII"))
-    if not os.path.isdir(sc2path):
-        fail(f"--env-backend {backend}: StarCraft II not found at {sc2path}; " + SMAC_INSTALL.format(pkg=pkg))
+    if not os.path.isdir(SC2PATH):
+        fail(f"--env-backend {backend}: StarCraft II not found at {SC2PATH}; " + SMAC_INSTALL.format(pkg=pkg))
     if backend == "smac":
         known = sorted(maps.get_smac_map_registry())
         if map_name not in known:
@@ -517,9 +512,8 @@ def smac_env(backend, map_name, seed):
 
 def make_adapter(backend, map_name, seed):
     if backend == "auto":
-        try:
-            importlib.import_module("smac.env")
-            found = os.path.isdir(os.environ.get("SC2PATH", os.path.expanduser("~/StarCraftII")))
+        try:  # `pip install smac` from PyPI is SMAC3, an unrelated optimiser: look for smac.env itself
+            found = importlib.import_module("smac.env") is not None and os.path.isdir(SC2PATH)
         except ImportError:
             found = False
         backend = "smac" if found else "smax"
@@ -573,8 +567,8 @@ def clipped_step(optimizer, loss, params, max_norm):
 
 
 def critic_phase(critic, mixer, optimizer, params, *, state, obs, actions, targets, valid, sequential, max_norm):
-    """The critic's optimiser steps on one batch: one per timestep t = 0..T-2 with valid episodes, as the authors (a
-    timestep without any is skipped), or one over every valid transition. Returns the last loss and the step count."""
+    """The critic's optimiser steps on a batch: one per timestep with valid episodes (the authors'), or one over all.
+    Returns the last loss and the number of steps."""
     if sequential:
         indices = [(e, torch.full_like(e, t)) for t, e in enumerate(episodes_per_timestep(valid)) if len(e)]
     else:
@@ -636,7 +630,6 @@ def main(args):
     start_step = run.begin(modules, device, state=counters, info=info, metrics=("win_rate",))
 
     nonfinite_step = torch.full((), -1, device=device)  # first step with a NaN/inf loss, read at log intervals
-    step = start_step
     for step in range(start_step + 1, args.total_steps + 1):
         # A batch of distinct episodes, cut to the longest one (one host sync: the cut length decides the loop length).
         idx = torch.randperm(num_episodes, device=device)[: args.batch_size]
@@ -695,8 +688,7 @@ def main(args):
         if step % args.eval_interval == 0 or step == args.total_steps:
             run.check_finite(nonfinite_step)
             with run.timing_evaluation():
-                results = evaluate(actor, adapter, args.eval_episodes, seed=args.seed + 10_000, device=device,
-                                   sample=args.eval_sample)  # fmt: skip
+                results = evaluate(actor, adapter, args.eval_episodes, args.seed + 10_000, device, args.eval_sample)
             run.evaluated(step, results)
         if run.stopped:
             run.check_finite(nonfinite_step)
