@@ -9,6 +9,8 @@ run (for a cluster without network, or to inspect the data):
     python icq_data.py smax --map 3s_vs_5z --quality medium --dataset-size 1000
 """
 
+import contextlib
+import io
 import json
 import os
 from typing import Literal
@@ -389,10 +391,150 @@ def smax_state(map: str, source: str, path: str):
 
 
 # =====================================================================================================================
+# OG-MARL vaults (Flashbax), the community's offline-MARL datasets <-> the PyMARL episode layout of icq_ma_smac.py.
+# A vault is named by the directory of its uid: vaults/og_marl/smac_v1/3m.vlt/Good (OG-MARL's download_and_unzip_vault
+# makes <base>/<source>/<env>/<scenario>.vlt, one folder per uid). OG-MARL's recorder (og_marl/replay_buffers.py) stores
+# one row per env step: obs, legals and state before the action, then the action, the team reward (copied to each
+# agent) and terminals / truncations after it; after an episode end comes the next episode's first obs, so an
+# episode's final obs is never stored. Its SMAC wrapper marks the episode limit as a terminal, as our SMAX files do.
+PYMARL_KEYS_OF_VAULT = ("observations", "actions", "rewards", "terminals", "truncations", "infos.legals", "infos.state")
+
+
+def flat(experience):
+    """{"infos": {"legals": x}} -> {"infos.legals": x}, numpy arrays."""
+    out = {}
+    for k, v in experience.items():
+        out.update({f"{k}.{j}": np.asarray(w) for j, w in v.items()} if isinstance(v, dict) else {k: np.asarray(v)})
+    return out
+
+
+def read_vault(dataset_path):
+    """The vault at dataset_path (DIR.vlt/UID) as PyMARL arrays (vault_to_pymarl) and its map name (or None); a broken
+    vault is one line. Each step's sizes are checked against the env by the script's loader, as for an HDF5 file."""
+    name = os.path.normpath(dataset_path)
+    if not os.path.isfile(os.path.join(name, "metadata.json")):
+        uids = sorted(d for d in os.listdir(name) if os.path.isfile(os.path.join(name, d, "metadata.json")))
+        what = f"a vault with the uids {uids}: pass {name}/UID" if uids else "not a vault uid (no metadata.json)"
+        raise SystemExit(f"error: --dataset-path {name} is {what}; an OG-MARL vault is named DIR.vlt/UID")
+    where, uid = os.path.split(os.path.abspath(name))
+    from flashbax.vault import Vault
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # flashbax announces every vault it opens
+            vault = Vault(os.path.basename(where), rel_dir=os.path.dirname(where), vault_uid=uid)
+        if vault.vault_index == 0:
+            raise SystemExit(f"error: vault {name} is empty (0 timesteps); download or export it again")
+        x = flat(vault.read(timesteps=1).experience)  # one step: check the layout before reading everything
+        if missing := [k for k in PYMARL_KEYS_OF_VAULT if k not in x]:
+            raise SystemExit(f"error: vault {name} lacks {missing} (has {sorted(x)}); an OG-MARL SMAC vault has "
+                             f"{list(PYMARL_KEYS_OF_VAULT)}")  # fmt: skip
+        n, a = x["observations"].shape[2:3] or (0,), x["infos.legals"].shape[-1]
+        want = {"observations": 4, "actions": 3, "rewards": 3, "terminals": 3, "truncations": 3, "infos.legals": 4,
+                "infos.state": 3}  # fmt: skip
+        bad = [f"{k} {list(x[k].shape[2:])}" for k in want if x[k].ndim != want[k] or (k != "infos.state" and
+               x[k].shape[2:3] != n) or (k == "infos.legals" and x[k].shape[3] != a)]  # fmt: skip
+        if bad:
+            raise SystemExit(f"error: vault {name}: per step {', '.join(bad)} do not fit OG-MARL's layout for "
+                             f"{n[0]} agents (observations {list(x['observations'].shape[2:])}, actions [N], legals "
+                             "[N, A], state [S])")  # fmt: skip
+        experience = flat(vault.read().experience)
+    except (OSError, ValueError, KeyError, AssertionError) as exc:  # metadata or data store unreadable
+        raise SystemExit(f"error: vault {name} cannot be read by flashbax ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:80]}); download or export it again")  # fmt: skip
+    with open(os.path.join(name, "metadata.json")) as f:  # the export stores the map name there
+        map_name = json.load(f).get("map_name")
+    return vault_to_pymarl(experience, name), map_name
+
+
+# Episode e of L stored steps becomes rows 0..L-1 plus row L, filled but all zeros (never read: it stands in for the
+# final obs). The script's transition mask keeps transition t when rows t and t+1 are filled and t is terminal or t+1
+# is a transition: a terminal episode keeps its L transitions, a truncated one drops exactly its last (it has no
+# stored successor to bootstrap from, and ICQ never bootstraps from data that are not there) and keeps t = L-2, whose
+# successor (obs, state and action of row L-1) is stored. Without row L a truncated episode would lose two.
+def vault_to_pymarl(x, name="vault"):
+    """OG-MARL arrays [1, T, ...] (flat keys) -> PyMARL arrays [E, L+1, ...] (obs, state, actions, avail_actions,
+    reward, terminated, filled), episodes cut where the agents' terminals or truncations are set."""
+    x = {k: v[0] for k, v in x.items()}
+    term, trunc, reward = x["terminals"] != 0, x["truncations"] != 0, x["rewards"]
+    if (reward != reward[:, :1]).any() or (term.any(1) != term.all(1)).any() or (trunc.any(1) != trunc.all(1)).any():
+        raise SystemExit(f"error: vault {name}: its agents differ in rewards, terminals or truncations; ICQ-MA needs "
+                         "one team reward and one episode end (as OG-MARL's SMAC vaults store them)")  # fmt: skip
+    done = term[:, 0] | trunc[:, 0]  # OG-MARL resets when all agents are terminal or all truncated
+    done[-1] = True  # steps after the last episode end: an unfinished episode, treated as truncated
+    ends = np.flatnonzero(done)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    lengths = ends - starts + 1
+    episode = np.repeat(np.arange(len(ends)), lengths)
+    t = np.arange(len(done)) - starts[episode]
+
+    def rows(v, dtype):  # [T, ...] -> [E, L+1, ...], zeros after each episode
+        out = np.zeros((len(ends), lengths.max() + 1, *v.shape[1:]), dtype)
+        out[episode, t] = v
+        return out
+
+    filled = rows(np.ones(len(done)), np.uint8)
+    filled[np.arange(len(ends)), lengths] = 1  # the stand-in for the final obs
+    obs, state = x["observations"], x["infos.state"]
+    return {"obs": rows(obs, obs.dtype), "state": rows(state, state.dtype),
+            "actions": rows(x["actions"], np.int64)[..., None], "avail_actions": rows(x["infos.legals"] != 0, np.uint8),
+            "reward": rows(reward[:, 0], np.float32)[..., None], "terminated": rows(term[:, 0], np.uint8)[..., None],
+            "filled": filled[..., None]}  # fmt: skip
+
+
+def write_vault(arrays, path, metadata=None):
+    """PyMARL arrays -> a new vault at path (DIR.vlt/UID) in OG-MARL's layout, with the SMACv1 wrapper's dtypes. An
+    episode ends at its first terminated row (terminals) or, without one, at its last filled row but one
+    (truncations: the last filled row is the final obs, which a vault does not store). Returns (episodes, steps)."""
+    filled, term = arrays["filled"][..., 0] != 0, arrays["terminated"][..., 0] != 0
+    steps = np.where(term.any(1), term.argmax(1) + 1, filled.sum(1) - 1)
+    row = np.arange(filled.shape[1])
+    step, last = row < steps[:, None], row == steps[:, None] - 1
+    n = arrays["obs"].shape[2]
+
+    def agents(v):  # [E, L+1] -> [1, T, N]: a per-step flag or the team reward, copied to each agent
+        return np.repeat(v[step][None, :, None], n, 2)
+
+    experience = {"observations": arrays["obs"][step][None].astype(np.float32),
+                  "actions": arrays["actions"][..., 0][step][None].astype(np.int32),
+                  "rewards": agents(arrays["reward"][..., 0].astype(np.float32)), "terminals": agents(last & term),
+                  "truncations": agents(last & ~term.any(1, keepdims=True)),
+                  "infos": {"legals": arrays["avail_actions"][step][None].astype(np.float32),
+                            "state": arrays["state"][step][None].astype(np.float32)}}  # fmt: skip
+    if os.path.exists(path):
+        raise SystemExit(f"error: vault {path} exists (a write would append to it); remove it or choose another uid")
+    if not step.any():
+        raise SystemExit(f"error: no episode step to export to {path} (filled/terminated are all padding)")
+    from flashbax.buffers.trajectory_buffer import TrajectoryBufferState
+    from flashbax.vault import Vault
+
+    where, uid = os.path.split(os.path.abspath(path))
+    with contextlib.redirect_stdout(io.StringIO()):  # its advice on write intervals is for recorders, not an export
+        vault = Vault(os.path.basename(where), experience, rel_dir=os.path.dirname(where), vault_uid=uid,
+                      metadata=metadata)  # fmt: skip
+        vault.write(TrajectoryBufferState(experience=experience, current_index=int(step.sum()), is_full=False))
+    return int((steps > 0).sum()), int(step.sum())
+
+
+def vault_export(source: str, path: str):
+    """Export a PyMARL episode file (e.g. a generated SMAX dataset) as an OG-MARL vault: python icq_data.py
+    vault-export --source datasets/smax_3m_good_1000ep_v2.h5 --path vaults/smax/3m.vlt/Good"""
+    import h5py
+
+    if not os.path.isfile(source) or not h5py.is_hdf5(source):
+        raise SystemExit(f"error: --source {source}: no such HDF5 file; pass a PyMARL episode file")
+    with h5py.File(source, "r") as f:
+        arrays = {k: f[k][:] for k in PYMARL_KEYS}
+        metadata = {k: f.attrs[k] for k in ("map_name", "backend", "quality", "episode_limit") if k in f.attrs}
+    episodes, steps = write_vault(arrays, path, {**metadata, "source": os.path.basename(source)})
+    print(f"{source}: {episodes} episodes, {steps} steps written to the vault {path}")
+
+
+# =====================================================================================================================
 # Command line: one subcommand per generator (each section adds its own to COMMANDS)
 COMMANDS = {}
 COMMANDS["smax"] = smax
 COMMANDS["smax-state"] = smax_state
+COMMANDS["vault-export"] = vault_export
 COMMANDS["lunar-discrete"] = lunar_discrete
 COMMANDS["lunar-continuous"] = lunar_continuous
 

@@ -3,9 +3,8 @@
 Algorithm 2 of Yang et al., "Believe What You See: Implicit Constraint Approach for Offline Multi-Agent Reinforcement
 Learning" (NeurIPS 2021, arXiv 2106.03400): the critic evaluates pi* = mu exp(Q_tot / alpha) / Z by TD(lambda) over
 rho * Q'_tot at dataset actions only (eq. 19-20); each agent extracts its policy by weighted behaviour cloning (Sec.
-4.3). Z: the softmax over a batch's episodes (the authors', `--normalizer batch`) or the paper's per-history Z^i(tau^i)
-from a learned behaviour policy (`behavior`). Backends: StarCraft II (smac/smacv2) or JaxMARL's SMAX. Usage, metrics,
-details and results: docs/icq_ma_smac.md."""
+4.3). Z: the batch softmax of the authors (`--normalizer batch`) or the paper's per-history Z^i(tau^i) from a learned
+behaviour policy (`behavior`). StarCraft II (smac/smacv2) or JaxMARL's SMAX. Details: docs/icq_ma_smac.md."""
 
 import copy
 import importlib
@@ -57,7 +56,7 @@ class Args:
 
     # Data and environment
     dataset_path: Annotated[Optional[str], resolved_default("smax: datasets/smax_{map}_{quality}_{N}ep_v2.h5")] = None
-    """an HDF5 file in the PyMARL episode layout; without it, smax records the default file on first use"""
+    """a PyMARL episode file (HDF5) or an OG-MARL vault (DIR.vlt/UID); without it, smax records the default file"""
     map: str = "3s_vs_5z"
     """SMAC map, SMACv2 scenario (e.g. protoss_5_vs_5) or SMAX scenario"""
     env_backend: Literal["auto", "smac", "smacv2", "smax"] = "auto"
@@ -149,6 +148,8 @@ def transition_mask(filled, terminated):  # [E, T] each -> bool [E, T-1]
 
 def read_pymarl_hdf5(path):
     """The arrays of a PyMARL episode file (DATA_KEYS) and its map name, if it has one."""
+    if os.path.isdir(path):  # an OG-MARL vault, DIR.vlt/UID: icq_data.py reads it with flashbax into these arrays
+        return importlib.import_module("icq_data").read_vault(path)
     import h5py
 
     if not os.path.isfile(path) or not h5py.is_hdf5(path):
@@ -593,7 +594,6 @@ def main(args):
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # Environment and data
     backend, adapter = make_adapter(args.env_backend, args.map, args.seed)
     path = args.dataset_path or SMAX_DATASET.format(map=args.map, quality=args.quality, episodes=args.dataset_size)
     if args.dataset_path is None and backend != "smax":
