@@ -53,7 +53,6 @@ class Args:
     """a checkpoint.pt to continue: its run's settings are restored (only schedule flags may change)"""
     threads: int = 1
     """torch CPU threads (the many small per-timestep critic steps run fastest on one)"""
-
     # Data and environment
     dataset_path: Annotated[Optional[str], resolved_default("smax: datasets/smax_{map}_{quality}_{N}ep_v2.h5")] = None
     """a PyMARL episode file (HDF5) or an OG-MARL vault (DIR.vlt/UID); without it, smax records the default file"""
@@ -67,7 +66,6 @@ class Args:
     """episodes in a generated SMAX dataset"""
     reward_scale: Annotated[Optional[float], resolved_default("10 with smax, 1 with smac / smacv2")] = None
     """multiplies the dataset rewards on load, so that returns (and the temperatures) are on SMAC's scale"""
-
     # Training
     total_steps: int = 40_000
     """training steps (each: the critic updates on one batch of episodes, then one actor update)"""
@@ -89,6 +87,8 @@ class Args:
     """critic optimiser steps between hard copies of the target critic and mixer"""
     mixer_bias: bool = False
     """add the state bias b(s) to Q_tot (the paper's mixer; the authors' code has none)"""
+    actor_weight_max: float = float("inf")
+    """--normalizer behavior: the actor weight min(w, W), truncated (not in the paper; inf: the paper's weight)"""
     mixer_weight_in_exponent: bool = False
     """--normalizer batch: the weight n softmax(k_i A_i / alpha) instead of the authors' k_i n softmax(A_i / alpha)"""
     actor_lr: float = 1e-3
@@ -120,9 +120,9 @@ def resolve_args(args):
     """Validate the flags; with --resume, the checkpoint's settings."""
     if args.resume is not None:
         args = restore_args(Args, args, SCRIPT)
-    for name in ("alpha", "critic_alpha"):
+    for name in ("alpha", "critic_alpha", "actor_weight_max"):
         if not getattr(args, name) > 0:
-            fail(f"{flag(name)} is a temperature and must be > 0 (got {getattr(args, name)}); --alpha inf is exact BC")
+            fail(f"{flag(name)} must be > 0 (got {getattr(args, name)}); --alpha inf is exact BC")
     if args.reward_scale is not None and not 0 < args.reward_scale < float("inf"):
         fail(f"--reward-scale must be a finite number > 0 (got {args.reward_scale})")
     if not 0 <= args.td_lambda <= 1:
@@ -354,13 +354,14 @@ def masked_log_softmax(logits, avail):
     return torch.log_softmax(logits.masked_fill(~avail, -torch.inf), -1), avail
 
 
-def actor_loss(logits, avail, actions, q_values, k, mask, alpha, weight_in_exponent=False, log_mu=None):
+def actor_loss(logits, avail, actions, q_values, k, mask, alpha, weight_in_exponent=False, log_mu=None, cap=torch.inf):
     """Weighted behaviour cloning of each agent (Sec. 4.3): -mean(k_i * icq_weights(A_i / alpha) * log pi_i(a_i)).
     logits, q_values [B,T,N,A]; avail bool [B,T,N,A]; actions [B,T,N]; k [B,T,N] mixer weights; mask [B,T] valid
     transitions. A_i = Q_i(a_i) - sum_a pi_i(a) Q_i(a) (the counterfactual baseline); the batch softmax runs over
     episodes for each (t, i); weight_in_exponent: icq_weights(k_i A_i / alpha). alpha = inf is exact BC (every weight
     1). log_mu [B,T,N,A] (--normalizer behavior): weight = behavior_weights(k_i Q_i, a_i, log mu_i, alpha), the paper's
-    per-history Z^i(tau^i). Returns the loss and the weights [B,T,N] (0 on padding)."""
+    per-history Z^i(tau^i), truncated as min(w, cap) (not in the paper). Returns the loss and the weights [B,T,N] (0 on
+    padding)."""
     log_pi, avail = masked_log_softmax(logits, avail)
     q_values, k = q_values.detach(), k.detach()
     baseline = (log_pi.detach().exp() * q_values.masked_fill(~avail, 0.0)).sum(-1)
@@ -369,7 +370,7 @@ def actor_loss(logits, avail, actions, q_values, k, mask, alpha, weight_in_expon
     if alpha == float("inf"):
         weight = agent_mask.float()
     elif log_mu is not None:
-        weight = behavior_weights(k.unsqueeze(-1) * q_values, actions, log_mu, alpha) * agent_mask
+        weight = behavior_weights(k.unsqueeze(-1) * q_values, actions, log_mu, alpha).clamp(max=cap) * agent_mask
     elif weight_in_exponent:
         weight = icq_weights(k * advantage, alpha, agent_mask, dim=0)
     else:
@@ -387,8 +388,7 @@ SMAX_EPISODE_LIMITS = {
     "3m": 60, "8m": 120, "25m": 150, "5m_vs_6m": 70, "10m_vs_11m": 150, "27m_vs_30m": 180, "2s3z": 120, "3s5z": 150,
     "3s5z_vs_3s6z": 170, "3s_vs_5z": 250, "6h_vs_8z": 150, "smacv2_5_units": 200, "smacv2_10_units": 200,
     "smacv2_20_units": 200}  # fmt: skip
-SMAC_INSTALL = ("install it with `pip install git+https://github.com/oxwhirl/{pkg}.git` and StarCraft II (set SC2PATH, "
-                "default ~/StarCraftII, with the SMAC maps in $SC2PATH/Maps), or use --env-backend smax")  # fmt: skip
+SMAC_INSTALL = "pip install git+https://github.com/oxwhirl/{pkg}.git, StarCraft II in $SC2PATH, or --env-backend smax"
 
 
 class SmacAdapter:
@@ -506,9 +506,8 @@ def smac_env(backend, map_name, seed):
             "exception_unit_types": [units[race][2]], "observe": True}  # fmt: skip
     start = {"dist_type": "surrounded_and_reflect", "p": 0.5, "n_enemies": int(m), "map_x": 32, "map_y": 32}
     config = {"n_units": int(n), "n_enemies": int(m), "team_gen": team, "start_positions": start}
-    return module.StarCraftCapabilityEnvWrapper(capability_config=config, map_name=f"10gen_{race}", seed=seed,
-                                                conic_fov=False, obs_own_pos=True, use_unit_ranges=True,
-                                                min_attack_range=2)  # fmt: skip
+    kw = dict(conic_fov=False, obs_own_pos=True, use_unit_ranges=True, min_attack_range=2)
+    return module.StarCraftCapabilityEnvWrapper(capability_config=config, map_name=f"10gen_{race}", seed=seed, **kw)
 
 
 def make_adapter(backend, map_name, seed):
@@ -568,8 +567,7 @@ def clipped_step(optimizer, loss, params, max_norm):
 
 
 def critic_phase(critic, mixer, optimizer, params, *, state, obs, actions, targets, valid, sequential, max_norm):
-    """The critic's optimiser steps on a batch: one per timestep with valid episodes (the authors'), or one over all.
-    Returns the last loss and the number of steps."""
+    """The critic's steps on a batch: one per timestep with valid episodes (authors') or one over all; (loss, count)"""
     if sequential:
         indices = [(e, torch.full_like(e, t)) for t, e in enumerate(episodes_per_timestep(valid)) if len(e)]
     else:
@@ -668,7 +666,8 @@ def main(args):
         logits, _ = actor(obs[:, :-1], previous_actions_onehot(actions[:, :-1], n_actions))
         loss_pi, actor_weights = actor_loss(logits, avail[:, :-1], actions[:, :-1], q_values, k, mask, alpha=args.alpha,
                                             weight_in_exponent=args.mixer_weight_in_exponent,
-                                            log_mu=None if log_mu is None else log_mu[:, :-1])  # fmt: skip
+                                            log_mu=None if log_mu is None else log_mu[:, :-1],
+                                            cap=args.actor_weight_max)  # fmt: skip
         clipped_step(actor_optimizer, loss_pi, list(actor.parameters()), args.grad_clip)
         if args.normalizer == "behavior":  # exact BC of mu_i on the same batch, after its weights were read
             loss_mu, _ = actor_loss(mu_logits[:, :-1], avail[:, :-1], actions[:, :-1], q_values, k, mask, float("inf"))

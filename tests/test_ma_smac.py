@@ -270,6 +270,23 @@ def test_behavior_actor_weight_and_alpha_inf():
     torch.testing.assert_close(loss, -(log_pi * m).sum() / m.sum())
 
 
+def test_behavior_actor_weight_cap():
+    """--actor-weight-max: the per-state weight is min(w, cap); inf is the paper's weight bit for bit; alpha = inf
+    stays exact BC; the loss is the weighted BC of the capped weights."""
+    logits, avail, actions, q, k, mask = actor_inputs()
+    log_mu = torch.log_softmax(torch.randn_like(q).masked_fill(~avail, -torch.inf), -1)
+    loss, free = actor_loss(logits, avail, actions, q * 20, k, mask, 0.1, log_mu=log_mu)
+    loss_inf, weight_inf = actor_loss(logits, avail, actions, q * 20, k, mask, 0.1, log_mu=log_mu, cap=float("inf"))
+    assert torch.equal(weight_inf, free) and torch.equal(loss_inf, loss)
+    assert free.max() > 2.0  # some weights exceed the cap below
+    loss_cap, capped = actor_loss(logits, avail, actions, q * 20, k, mask, 0.1, log_mu=log_mu, cap=2.0)
+    assert capped.max() <= 2.0 and torch.equal(capped, free.clamp(max=2.0))
+    m = mask.unsqueeze(-1).expand_as(k)
+    torch.testing.assert_close(loss_cap, -(capped * taken_log_pi(logits, avail, actions)).sum() / m.sum())
+    _, bc = actor_loss(logits, avail, actions, q * 20, k, mask, float("inf"), log_mu=log_mu, cap=0.5)
+    assert torch.equal(bc, m.float())  # exact BC: every weight is 1, whatever the cap
+
+
 def test_transition_mask_pymarl_layout():
     filled = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
     terminated = torch.tensor([[0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
@@ -694,6 +711,7 @@ def test_tiny_smax_run_end_to_end(tmp_path, jax_env):
         (("--dataset-path", "nope.h5"), ("nope.h5", "no such file")),
         (("--total-steps", 0), ("--total-steps must be >= 1 (got 0)",)),
         (("--td-lambda", 2), ("--td-lambda must be in [0, 1] (got 2.0)",)),
+        (("--actor-weight-max", 0), ("--actor-weight-max must be > 0 (got 0.0)",)),
     ],
 )
 def test_bad_inputs_fast(tmp_path, jax_env, extra, fragments):
