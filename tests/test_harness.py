@@ -211,9 +211,19 @@ def test_a_default_run_killed_hard_resumes_to_the_same_parameters(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["icq_continuous.py", "icq_discrete.py", "icq_ma_smac.py"])
-def test_each_script_refuses_another_scripts_checkpoint(tmp_path, script):
-    other = "icq_discrete.py" if script != "icq_discrete.py" else "icq_continuous.py"
-    torch.save({"script": other, "args": {}, "step": 1, "modules": {}}, tmp_path / "c.pt")
-    proc = run_script(script, "--resume", "c.pt", cwd=tmp_path, check=False)
-    assert_user_error(proc, f"is a checkpoint of {other}")
+def test_each_script_refuses_broken_checkpoints_in_one_line(tmp_path, monkeypatch, script):
+    """The table of broken checkpoints through each script's command line: one error line, no traceback, no run."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["toy.py"])
+    paths = broken_checkpoints(tmp_path)
+    other = torch.load(paths["another script's checkpoint"], weights_only=False)
+    other["script"] = "icq_discrete.py" if script != "icq_discrete.py" else "icq_continuous.py"
+    torch.save(other, paths["another script's checkpoint"])
+    (tmp_path / "runs").rename(tmp_path / "toy_runs")  # the toy run's directory is not the scripts' business
+    for name, path in paths.items():
+        proc = run_script(script, "--resume", path, "--total-steps", 10, cwd=tmp_path, check=False)
+        assert_user_error(proc, f"error: --resume {path}")
+        assert len(proc.stderr.strip().splitlines()) == 1, (name, proc.stderr)
+        if name == "another script's checkpoint":
+            assert f"is a checkpoint of {other['script']}" in proc.stderr
     assert not (tmp_path / "runs").exists()
