@@ -226,8 +226,8 @@ def load_d4rl_hdf5(path, timeout_as_terminal):
 
     keys, fix = ("observations", "actions", "rewards", "terminals", "timeouts"), "download or write it again"
     if not os.path.isfile(path) or not h5py.is_hdf5(path):
-        fail(f"--dataset-path {path}: " + ("not an HDF5 file (expected a D4RL file with observations, actions, ...)"
-                                           if os.path.isfile(path) else "no such file"))  # fmt: skip
+        fail(f"--dataset-path {path}" + (" is not an HDF5 file (expected a D4RL file with observations, actions, ...)"
+                                         if os.path.isfile(path) else ": no such file"))  # fmt: skip
     try:
         with h5py.File(path, "r") as f:
             if missing := [k for k in keys if k not in f]:

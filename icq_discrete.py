@@ -137,7 +137,7 @@ def load_d4rl_hdf5(path):
 
     keys = ("observations", "actions", "rewards", "terminals", "timeouts")
     if not os.path.isfile(path) or not h5py.is_hdf5(path):
-        fail(f"--dataset-path {path}: {'not an HDF5 file' if os.path.isfile(path) else 'no such file'}; "
+        fail(f"--dataset-path {path}{' is not an HDF5 file' if os.path.isfile(path) else ': no such file'}; "
              "pass a D4RL-layout HDF5 file (observations, actions, rewards, terminals, timeouts)")  # fmt: skip
     try:
         with h5py.File(path, "r") as f:
