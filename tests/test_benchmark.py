@@ -313,10 +313,11 @@ def slurm_cluster(tmp_path):
 
 
 def repo_copy(tmp_path):
-    """A copy of the scripts, benchmark.sh and benchmarks/*.py: the runs and tables stay out of the real repository."""
+    """A copy of the scripts with their harness and data module, benchmark.sh and benchmarks/*.py: the runs and tables
+    stay out of the real repository."""
     work = tmp_path / "repo"
     work.mkdir()
-    for name in ("benchmark.sh", *SCRIPTS.values()):
+    for name in ("benchmark.sh", "icq_harness.py", "icq_data.py", *SCRIPTS.values()):
         shutil.copy(ROOT / name, work / name)
     (work / "benchmarks").mkdir()
     for module in (ROOT / "benchmarks").glob("*.py"):  # aggregate.py and the modules behind it
@@ -462,6 +463,9 @@ def test_requeued_slurm_tasks_resume_their_runs_and_end_as_uninterrupted_runs(sl
         reference = torch.load(work / f"runs/straight__{method}/checkpoint.pt", weights_only=False)
         resumed["args"].pop("run_name"), reference["args"].pop("run_name")
         resumed["args"].pop("resume", None), reference["args"].pop("resume", None)
+        # the segments say how the run went (two lives, wall times), not what it computed
+        assert [g["ended_by"] for g in resumed.pop("segments")] == ["SIGTERM", "finished"]
+        assert [g["ended_by"] for g in reference.pop("segments")] == ["finished"]
         tensors_equal(resumed, reference)
     assert f"requeueing {name['bc']} at its time limit" in log["bc"].read_text(), logs
     for method, index, signal_name in (("icq", 1, "SIGTERM"), ("bc", 2, "SIGUSR1")):  # both lives of each task
