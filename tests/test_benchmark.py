@@ -339,6 +339,7 @@ def git_commit_all(work):
     ).stdout.strip()
 
 
+@pytest.mark.xdist_group("slurm")  # one one-node cluster at a time
 def test_learn_runs_as_a_slurm_array_and_aggregates(slurm_cluster, tmp_path):
     work = repo_copy(tmp_path)
     head = git_commit_all(work)
@@ -386,6 +387,7 @@ def tensors_equal(a, b, path="checkpoint"):
         assert a == b, f"{path}: {a!r} vs {b!r}"
 
 
+@pytest.mark.xdist_group("slurm")  # one one-node cluster at a time
 def test_requeued_slurm_tasks_resume_their_runs_and_end_as_uninterrupted_runs(slurm_cluster, tmp_path):
     """Two ways a SLURM task is stopped mid-run, then run again from its checkpoint: `scontrol requeue` (as preemption:
     SLURM sends SIGTERM and requeues), and the time-limit warning (sbatch --signal B:USR1, sent here with
