@@ -36,20 +36,28 @@ def preset_default(lunar, others):
 
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
-    seed: int = 1  # seed of the experiment
-    torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
-    cuda: bool = True  # if toggled, cuda will be used when available
-    track: bool = False  # if toggled, the run is tracked with Weights and Biases
-    wandb_project_name: str = "icq"  # the wandb project name
-    wandb_entity: Optional[str] = None  # the entity (team) of the wandb project
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, the run is tracked with Weights and Biases"""
+    wandb_project_name: str = "icq"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of the wandb project"""
     run_name: Annotated[Optional[str], resolved_default("{data}__{exp_name}__{alpha or bc}__{seed}__{time}")] = None
     """name of runs/{run_name}/ (with --resume: the checkpoint's run)"""
     save_model: bool = True
     """write runs/{run_name}/checkpoint.pt at every evaluation and at the end; --no-save-model turns it off"""
     resume: Optional[str] = None
     """path of a checkpoint.pt to continue: its run keeps every setting; only schedule flags may change"""
-    threads: int = 1  # torch CPU threads
+    threads: int = 1
+    """torch CPU threads"""
 
     # Data
     dataset_path: Optional[str] = None
@@ -60,7 +68,8 @@ class Args:
     """gymnasium id of the evaluation env; without a dataset, the built-in data are generated into datasets/ once"""
     quality: Literal["good", "medium", "mixed"] = "mixed"
     """built-in data: the heuristic lander with N(0, 0.1) / N(0, 1) action noise, or a mix of four distinct landers"""
-    dataset_size: int = 100_000  # transitions in a built-in dataset (whole episodes, so slightly more)
+    dataset_size: int = 100_000
+    """transitions in a built-in dataset (whole episodes, so slightly more)"""
     ref_min_score: Annotated[Optional[float], resolved_default("D4RL's, Minari's or the built-in data's")] = None
     """return scored 0 by eval/normalized_score (give it with --ref-max-score)"""
     ref_max_score: Annotated[Optional[float], resolved_default("D4RL's, Minari's or the built-in data's")] = None
@@ -69,7 +78,8 @@ class Args:
     # Training
     preset: Literal["auto", "locomotion", "antmaze", "adroit", "lunarlander"] = "auto"
     """the authors' per-domain settings for the options left unset (auto: from the env id and the dataset name)"""
-    total_steps: int = 1_000_000  # number of gradient steps (one critic and one actor update each)
+    total_steps: int = 1_000_000
+    """number of gradient steps (one critic and one actor update each)"""
     batch_size: Annotated[Optional[int], preset_default(256, "locomotion and adroit 32, antmaze 1024")] = None
     """minibatch size; the batch softmax normalises over it"""
     alpha: Annotated[Optional[float], preset_default(30, "locomotion and adroit 600, antmaze 10")] = None
@@ -86,15 +96,22 @@ class Args:
     """rho = clamp(scale * B * softmax_batch(Q'/T), 0, 1), as the authors' code"""
     clip_critic_weights: bool = True
     """clamp rho to [0, 1] as the authors' code does; unclipped with scale 1 is eq. 10 as written, which can diverge"""
-    gamma: float = 0.99  # the discount factor
-    tau: float = 0.005  # polyak rate of the target critic
-    actor_lr: float = 3e-4  # actor learning rate (Adam)
-    critic_lr: float = 3e-4  # critic learning rate (Adam)
-    actor_weight_decay: float = 1e-4  # actor Adam weight decay
-    eval_interval: int = 5000  # gradient steps between evaluations
+    gamma: float = 0.99
+    """the discount factor"""
+    tau: float = 0.005
+    """polyak rate of the target critic"""
+    actor_lr: float = 3e-4
+    """actor learning rate (Adam)"""
+    critic_lr: float = 3e-4
+    """critic learning rate (Adam)"""
+    actor_weight_decay: float = 1e-4
+    """actor Adam weight decay"""
+    eval_interval: int = 5000
+    """gradient steps between evaluations"""
     eval_episodes: Annotated[Optional[int], preset_default(10, "locomotion and adroit 10, antmaze 100")] = None
     """episodes per evaluation"""
-    log_interval: int = 1000  # gradient steps between progress lines and TensorBoard scalars
+    log_interval: int = 1000
+    """gradient steps between progress lines and TensorBoard scalars"""
 
 
 # The authors' settings per domain (ICQ_softmax; ICQ-antmaze_softmax); lunarlander is ours (docs/icq_continuous.md).
