@@ -498,7 +498,7 @@ def main(args):
             "reference_scores": refs and dict(zip(("min", "max", "source"), refs)), "q_bound": q_bound}  # fmt: skip
     start_step = run.begin(modules, device, state=state, info=info, metrics=("score", "return"))  # fmt: skip
     nonfinite_step = torch.full((), -1, device=device)  # first step with a NaN/inf loss, read at log intervals
-    warned, step = False, start_step
+    warned = False
     for step in range(start_step + 1, args.total_steps + 1):
         idx = torch.randint(num_transitions, (args.batch_size,), device=device)
         batch = tuple(data[k][idx] for k in ("obs", "actions", "rewards", "next_obs", "next_actions", "dones"))
