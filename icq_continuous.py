@@ -3,15 +3,12 @@
 Implements Algorithm 1 of Yang et al., "Believe What You See: Implicit Constraint Approach for Offline Multi-Agent
 Reinforcement Learning" (NeurIPS 2021, arXiv 2106.03400). The critic evaluates pi* = mu * exp(Q / alpha) / Z with
 importance weights on dataset actions only (eq. 10); the actor is extracted by weighted behaviour cloning
-(KL(pi* || pi_theta)); Z is the batch softmax. Usage, logged metrics, details against the authors' code and results:
-docs/icq_continuous.md.
-"""
+(KL(pi* || pi_theta)); Z is the batch softmax. Usage, metrics, deviations, results: docs/icq_continuous.md."""
 
 import copy
-import json
+import importlib
 import os
 import random
-import re
 import sys
 from dataclasses import dataclass
 from typing import Annotated, Literal, Optional
@@ -22,16 +19,14 @@ import torch
 import torch.nn as nn
 import tyro
 
+import icq_data
 from icq_harness import Run, fail, flag, restore_args
 
 
-def resolved_default(text):
-    """The help's default of a flag resolved at run time (tyro would print "(default: None)")."""
+def resolved_default(text, presets=None):
+    """The help's default of a flag resolved at run time (tyro would print "(default: None)"), and other presets'."""
+    text = text if presets is None else f"{text} with the default data's preset lunarlander; {presets}"
     return tyro.conf.arg(help_behavior_hint=f"(default: {text})")
-
-
-def preset_default(lunar, others):
-    return resolved_default(f"{lunar} with the default data's preset lunarlander; {others}")
 
 
 @dataclass
@@ -80,19 +75,19 @@ class Args:
     """the authors' per-domain settings for the options left unset (auto: from the env id and the dataset name)"""
     total_steps: int = 1_000_000
     """number of gradient steps (one critic and one actor update each)"""
-    batch_size: Annotated[Optional[int], preset_default(256, "locomotion and adroit 32, antmaze 1024")] = None
+    batch_size: Annotated[Optional[int], resolved_default(256, "locomotion and adroit 32, antmaze 1024")] = None
     """minibatch size; the batch softmax normalises over it"""
-    alpha: Annotated[Optional[float], preset_default(30, "locomotion and adroit 600, antmaze 10")] = None
+    alpha: Annotated[Optional[float], resolved_default(30, "locomotion and adroit 600, antmaze 10")] = None
     """actor temperature: weight = B * softmax_batch(signal / alpha); `inf` is exact behaviour cloning"""
-    critic_alpha: Annotated[Optional[float], preset_default(1000, "locomotion and adroit 600, antmaze 10")] = None
+    critic_alpha: Annotated[Optional[float], resolved_default(1000, "locomotion and adroit 600, antmaze 10")] = None
     """critic temperature of the importance weight rho"""
-    actor_signal: Annotated[Optional[Literal["td", "q"]], preset_default("q", "locomotion, adroit, antmaze td")] = None
+    actor_signal: Annotated[Optional[Literal["td", "q"]], resolved_default("q", "the other presets td")] = None
     """what the actor weight exponentiates: the authors' one-step TD error, or Q(s, a) as the paper writes"""
-    twin_q: Annotated[Optional[bool], preset_default(False, "antmaze True")] = None
+    twin_q: Annotated[Optional[bool], resolved_default(False, "antmaze True")] = None
     """two critics, min for targets and signals"""
-    timeout_as_terminal: Annotated[Optional[bool], preset_default(False, "antmaze True")] = None
+    timeout_as_terminal: Annotated[Optional[bool], resolved_default(False, "antmaze True")] = None
     """keep a time-limited episode's last step with done = 1 instead of dropping it"""
-    critic_weight_scale: Annotated[Optional[float], preset_default(1, "locomotion and adroit 0.5, antmaze 1")] = None
+    critic_weight_scale: Annotated[Optional[float], resolved_default(1, "locomotion and adroit 0.5, antmaze 1")] = None
     """rho = clamp(scale * B * softmax_batch(Q'/T), 0, 1), as the authors' code"""
     clip_critic_weights: bool = True
     """clamp rho to [0, 1] as the authors' code does; unclipped with scale 1 is eq. 10 as written, which can diverge"""
@@ -108,7 +103,7 @@ class Args:
     """actor Adam weight decay"""
     eval_interval: int = 5000
     """gradient steps between evaluations"""
-    eval_episodes: Annotated[Optional[int], preset_default(10, "locomotion and adroit 10, antmaze 100")] = None
+    eval_episodes: Annotated[Optional[int], resolved_default(10, "locomotion and adroit 10, antmaze 100")] = None
     """episodes per evaluation"""
     log_interval: int = 1000
     """gradient steps between progress lines and TensorBoard scalars"""
@@ -124,18 +119,8 @@ PRESETS = {
                         twin_q=False, timeout_as_terminal=False, eval_episodes=10),
 }  # fmt: skip
 PRESETS["adroit"] = PRESETS["locomotion"]  # the authors' ICQ_softmax settings serve both
-# D4RL reference returns (d4rl/infos.py), used only for an original D4RL file named as D4RL names its datasets.
-D4RL_REF_SCORES = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0),
-                   "walker2d": (1.629008, 4592.3), "pen": (96.262799, 3076.8331), "door": (-56.512833, 2880.5693),
-                   "hammer": (-274.856578, 12794.1348), "relocate": (-6.425911, 4233.8778)}  # fmt: skip
-D4RL_NAME = re.compile(r"(hopper|halfcheetah|walker2d)-(random|medium|expert|medium-replay|medium-expert|full-replay)"
-                       r"-v[012]|(pen|door|hammer|relocate)-(human|cloned|expert)-v[01]")  # fmt: skip
-# The paper's D4RL datasets by their Minari ids, for a D4RL name given as --dataset-id ("did you mean").
-MINARI_IDS = {r"(hopper|halfcheetah|walker2d)-(medium|expert)(-replay|-expert)?-v\d": "mujoco/{0}/{1}-v0",
-              r"(pen|door|hammer|relocate)-(human|cloned|expert)-v\d": "D4RL/{0}/{1}-v2",
-              r"antmaze-((umaze|medium|large)(-play|-diverse)?)-v\d": "D4RL/antmaze/{0}-v1"}  # fmt: skip
-# Built-in score = 100 (return - random) / (heuristic - random), mean returns of 1000 episodes (docs/icq_continuous.md).
-RANDOM_RETURN, HEURISTIC_RETURN, BUILTIN_ENV = -209.8, 282.8, "LunarLanderContinuous-v3"
+RANDOM_RETURN, HEURISTIC_RETURN, BUILTIN_ENV = -209.8, 282.8, "LunarLanderContinuous-v3"  # returns scored 0, 100
+KEYS = ("obs", "actions", "rewards", "next_obs", "next_actions", "dones")  # the dataset tensors
 
 
 def resolve_args(args):
@@ -144,32 +129,24 @@ def resolve_args(args):
         args = restore_args(Args, args, os.path.basename(__file__), resolved=("preset",))
     if args.dataset_id is not None and args.dataset_path is not None:
         fail("give at most one of --dataset-id (a Minari id) and --dataset-path (a D4RL HDF5 file)")
-    for pattern, minari_id in MINARI_IDS.items():
-        if args.dataset_id is not None and (m := re.fullmatch(pattern, args.dataset_id)):
-            fail(f"--dataset-id {args.dataset_id} is a D4RL name: did you mean --dataset-id "
-                 f"{minari_id.format(*m.groups())}? (Minari's mujoco/* data are regenerated on Gymnasium v5 with new "
-                 f"policies, not D4RL's; for the paper's data pass the D4RL file: --dataset-path "
-                 f"{args.dataset_id}.hdf5 --env-id ENV)")  # fmt: skip
     builtin = args.dataset_id is None and args.dataset_path is None
     if builtin and (args.env_id or BUILTIN_ENV) != BUILTIN_ENV:
         make_env(args.env_id, None).close()  # a discrete-action env stops there: use icq_discrete.py
         fail(f"no built-in dataset for --env-id {args.env_id}: use {BUILTIN_ENV}, --dataset-id or --dataset-path")
     args.env_id = BUILTIN_ENV if builtin else args.env_id
-    name = (args.dataset_id or os.path.basename(args.dataset_path or "")).lower()
-    if args.preset == "auto":  # the env decides where it is known; otherwise the dataset's name
-        adroit = any(task in name for task in ("pen", "door", "hammer", "relocate"))
-        lunar = builtin or "lunarlander" in (args.env_id or "").lower()
-        preset = "antmaze" if "antmaze" in name else "adroit" if adroit else "locomotion"
-        args.preset = "lunarlander" if lunar else preset
-    for key, value in PRESETS[args.preset].items():
-        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     if args.dataset_path is not None and args.env_id is None:
         fail("--dataset-path needs --env-id, the gymnasium env to evaluate in (e.g. Hopper-v5 for hopper-medium-v2)")
+    if args.preset == "auto":  # the env decides where it is known (the built-in data's too); else the dataset's name
+        name = (args.dataset_id or os.path.basename(args.dataset_path or "")).lower()
+        adroit = any(task in name for task in ("pen", "door", "hammer", "relocate"))
+        preset = "antmaze" if "antmaze" in name else "adroit" if adroit else "locomotion"
+        args.preset = "lunarlander" if "lunarlander" in (args.env_id or "").lower() else preset
+    for key, value in PRESETS[args.preset].items():
+        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     for name in ("alpha", "critic_alpha"):
         if not getattr(args, name) > 0:
             fail(f"{flag(name)} is a temperature and must be > 0 (got {getattr(args, name)}); --alpha inf is BC")
-    for name in ("batch_size", "total_steps", "eval_interval", "log_interval", "eval_episodes", "dataset_size",
-                 "threads"):  # fmt: skip
+    for name in "batch_size total_steps eval_interval log_interval eval_episodes dataset_size threads".split():
         if getattr(args, name) < 1:
             fail(f"{flag(name)} must be >= 1 (got {getattr(args, name)})")
     refs = (args.ref_min_score, args.ref_max_score)
@@ -182,22 +159,13 @@ def resolve_args(args):
 # Data: every transition carries the next action a' of the same episode, because the ICQ operator (eq. 10) only ever
 # evaluates Q at dataset actions. A time-limited episode's last step has no a' and is dropped; true terminals are kept
 # with done = 1 (their a' is never used). Each loader checks its file and stops with one line saying what to do.
-def flatten_obs(obs):
-    """AntMaze dict observations become the D4RL 29-d layout (x, y first) followed by the 2-d goal."""
-    if isinstance(obs, dict):
-        return np.concatenate([obs["achieved_goal"], obs["observation"], obs["desired_goal"]], axis=-1)
-    return obs
-
-
 def episode_transitions(obs, actions, rewards, terminals, timeout_as_terminal):
     """One episode (obs has one more row than actions) -> (s, a, r, s', a', done) arrays."""
-    steps = len(actions)
     ends_in_terminal = bool(terminals[-1]) or timeout_as_terminal
-    keep = steps if ends_in_terminal else steps - 1
+    keep = len(actions) if ends_in_terminal else len(actions) - 1
     next_actions = np.concatenate([actions[1:], actions[-1:]])  # the last a' only pads a terminal row
-    done = np.zeros(steps, dtype=np.float32)
-    done[-1] = float(ends_in_terminal)
-    return obs[:keep], actions[:keep], rewards[:keep], obs[1 : keep + 1], next_actions[:keep], done[:keep]
+    done = (np.arange(keep) == len(actions) - 1).astype(np.float32)  # the last row, if kept, is terminal
+    return obs[:keep], actions[:keep], rewards[:keep], obs[1 : keep + 1], next_actions[:keep], done
 
 
 def transitions(episodes, source, fix, timeout_as_terminal=False):
@@ -209,85 +177,27 @@ def transitions(episodes, source, fix, timeout_as_terminal=False):
     if columns[1].ndim == 1 or columns[1].dtype.kind in "iub":
         fail(f"{source} has discrete actions (shape {columns[1].shape[1:]}, {columns[1].dtype}): use icq_discrete.py")
     for key, column, ndim in zip(("observations", "actions", "rewards"), columns, (2, 2, 1)):
-        if column.dtype.kind not in "iuf" or column.ndim != ndim:
-            fail(f"{source}: its {key} have dtype {column.dtype} and shape {column.shape}, not {ndim}-d numbers; {fix}")
-        if not np.isfinite(column).all():
-            fail(f"{source}: its {key} hold NaN or inf; {fix}")
+        icq_data.check_array(source, key, column, ndim, fix)
     return columns, [float(np.sum(ep[2])) for ep in episodes]
 
 
 def load_minari(dataset_id, timeout_as_terminal):
-    import minari
-
-    try:
-        dataset = minari.load_dataset(dataset_id)
-    except (FileNotFoundError, ValueError) as exc:
-        root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
-        fail(f"Minari dataset '{dataset_id}' is not in the local store ({root}: {str(exc)[:100]}); download it once "
-             f"with `minari download {dataset_id}` (needs network and `pip install \"minari[hf]\"`), or pass an "
-             "original D4RL file with --dataset-path FILE.hdf5 --env-id ENV")  # fmt: skip
-    if not isinstance(dataset.action_space, gym.spaces.Box):
-        fail(f"Minari dataset {dataset_id} has discrete actions ({dataset.action_space}): use icq_discrete.py")
+    """A downloaded Minari dataset (icq_data.read_minari reads and checks it) -> transitions, returns, dataset."""
     fix = f"download it again with `minari download {dataset_id}`"
-    try:
-        episodes = [(flatten_obs(ep.observations), ep.actions, ep.rewards, ep.terminations)
-                    for ep in dataset.iterate_episodes()]  # fmt: skip
-    except (OSError, KeyError, ValueError, IndexError) as exc:
-        fail(f"Minari dataset {dataset_id} cannot be read ({type(exc).__name__}: {str(exc)[:100]}); {fix}")
+    episodes, dataset = icq_data.read_minari(dataset_id, fix)
     return *transitions(episodes, f"Minari dataset {dataset_id}", fix, timeout_as_terminal), dataset
 
 
 def load_d4rl_hdf5(path, timeout_as_terminal):
-    """A D4RL file: one long array per key; episodes end at a terminal or a timeout (the final row ends one too)."""
-    import h5py
-
-    keys, fix = ("observations", "actions", "rewards", "terminals", "timeouts"), "download or write it again"
-    if not os.path.isfile(path) or not h5py.is_hdf5(path):
-        fail(f"--dataset-path {path}" + (" is not an HDF5 file (expected a D4RL file with observations, actions, ...)"
-                                         if os.path.isfile(path) else ": no such file"))  # fmt: skip
-    try:
-        with h5py.File(path, "r") as f:
-            if missing := [k for k in keys if k not in f]:
-                fail(f"{path} is not a D4RL file: missing keys {missing} (has {sorted(f.keys())}); {fix}")
-            data = {k: f[k][()] for k in (*keys, "next_observations") if k in f}
-            if "infos/goal" in f:  # AntMaze: append the goal, as the authors' replay buffer does
-                for k in {"observations", "next_observations"} & data.keys():
-                    data[k] = np.concatenate([data[k], f["infos/goal"][()]], axis=-1)
-    except (OSError, RuntimeError, ValueError, TypeError, KeyError) as exc:  # h5py: on open or on read
-        fail(f"--dataset-path {path} cannot be read ({str(exc).splitlines()[0][:100]}): truncated (a half-finished "
-             "download?) or corrupt; download it again")  # fmt: skip
-    if data["rewards"].ndim != 1 or len({x.shape[:1] for x in data.values()}) != 1 or not len(data["rewards"]):
-        fail(f"{path}: not D4RL's layout (one row per transition in every key, some rows): shapes "
-             f"{ {k: x.shape for k, x in data.items()} }; {fix}")  # fmt: skip
-    n, terminals = len(data["rewards"]), data["terminals"].astype(bool)
-    ends = np.flatnonzero(terminals | data["timeouts"].astype(bool)).tolist()
-    ends += [n - 1] if not ends or ends[-1] != n - 1 else []
-    # An episode's final observation is next_observations[end] when the file has it; otherwise it only pads a row
-    # that is either dropped (timeout) or terminal (s' unused).
-    obs, last_obs = data["observations"], data.get("next_observations", data["observations"])
-    episodes = [(np.concatenate([obs[s : e + 1], last_obs[e : e + 1]]), data["actions"][s : e + 1],
-                 data["rewards"][s : e + 1], terminals[s : e + 1]) for s, e in zip([0] + [e + 1 for e in ends], ends)
-                ]  # fmt: skip
-    return transitions(episodes, path, fix, timeout_as_terminal)
+    """An original D4RL file, read and checked by icq_data.read_d4rl_episodes -> transitions, episode returns."""
+    fix = "download or write it again"
+    return transitions(icq_data.read_d4rl_episodes(path, fix), path, fix, timeout_as_terminal)
 
 
 def load_builtin(quality, size):
-    """datasets/LunarLanderContinuous-v3-{quality}-{size}.npz (and .json: each lander's mean return), recorded once by
-    icq_data.py. Returns the transitions, the episode returns and {lander: mean episode return}."""
+    """The built-in data (recorded once by icq_data.py) -> transitions, episode returns, {lander: mean return}."""
     path, fix = f"datasets/{BUILTIN_ENV}-{quality}-{size}", "delete it and its .json to record it again"
-    if not (os.path.exists(path + ".npz") and os.path.exists(path + ".json")):
-        import icq_data
-
-        print(f"generating {path}.npz", flush=True)
-        icq_data.record_lunar_continuous(quality, size, path)
-    try:
-        with np.load(path + ".npz") as npz, open(path + ".json") as f:
-            d, landers = {k: npz[k] for k in npz.files}, json.load(f)["lander_mean_return"]
-        ends = np.cumsum(d["lengths"])  # episode i has rows start + i .. end + i of obs
-        episodes = [(d["obs"][s + i : e + i + 1], d["actions"][s:e], d["rewards"][s:e], d["terminals"][s:e])
-                    for i, (s, e) in enumerate(zip(ends - d["lengths"], ends))]  # fmt: skip
-    except Exception as exc:  # a truncated zip or json, a missing array: numpy and json raise many types
-        fail(f"{path}.npz cannot be read ({type(exc).__name__}: {str(exc)[:80]}); {fix}")
+    episodes, landers = icq_data.read_lunar_continuous(quality, size, path, fix)
     return *transitions(episodes, path + ".npz", fix), landers
 
 
@@ -297,9 +207,7 @@ def make_env(env_id, minari_dataset, retry=True):
         env = gym.make(env_id) if env_id else minari_dataset.recover_environment(eval_env=True)
     except gym.error.Error as exc:
         if retry and isinstance(exc, gym.error.NameNotFound):
-            import gymnasium_robotics
-
-            gym.register_envs(gymnasium_robotics)
+            gym.register_envs(importlib.import_module("gymnasium_robotics"))
             return make_env(env_id, minari_dataset, retry=False)
         fail(f"--env-id {env_id}: {exc}" if env_id else f"the eval env of {minari_dataset.spec.dataset_id}: {exc}")
     if not isinstance(env.action_space, gym.spaces.Box):
@@ -311,9 +219,7 @@ def make_env(env_id, minari_dataset, retry=True):
 # Networks (the authors' ICQ_softmax core.py): Q is a 256-256 MLP on (s, a); the actor is a 4x256 MLP with a tanh mean
 # and a state-independent log-std squashed into [-6, 0]; log pi is the Normal density of the dataset action.
 def mlp(sizes):
-    layers = []
-    for i in range(len(sizes) - 1):
-        layers += [nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()]
+    layers = [layer for n_in, n_out in zip(sizes, sizes[1:]) for layer in (nn.Linear(n_in, n_out), nn.ReLU())]
     return nn.Sequential(*layers[:-1])
 
 
@@ -408,7 +314,7 @@ def evaluate(actor, env, episodes, seed, device, antmaze):
         obs, _ = env.reset(seed=seed + episode)
         ret, success, done = 0.0, False, False
         while not done:
-            action = actor(torch.as_tensor(flatten_obs(obs), dtype=torch.float32, device=device)).cpu().numpy()
+            action = actor(torch.as_tensor(icq_data.flatten_obs(obs), dtype=torch.float32, device=device)).cpu().numpy()
             obs, reward, terminated, truncated, info = env.step(action)
             ret += float(reward)
             success = success or bool(info.get("success", False))
@@ -420,21 +326,14 @@ def evaluate(actor, env, episodes, seed, device, antmaze):
 
 
 def reference_scores(args, minari_dataset):
-    """(return scored 0, return scored 100, source) for eval/normalized_score, or None: the flags; a Minari dataset's
-    own; D4RL's only for a D4RL file named as D4RL names it (e.g. hopper-medium-v2.hdf5); the built-in data's."""
-    name = os.path.splitext(os.path.basename(args.dataset_path or ""))[0]
+    """(return scored 0, scored 100, source) or None: the flags', a Minari dataset's, a D4RL-named file's, built-in."""
     if args.ref_min_score is not None:
         return args.ref_min_score, args.ref_max_score, "--ref-min-score/--ref-max-score"
     if minari_dataset is not None:
         low, high = (minari_dataset.storage.metadata.get(k) for k in ("ref_min_score", "ref_max_score"))
         return None if None in (low, high) else (float(low), float(high), f"Minari metadata of {args.dataset_id}")
     if args.dataset_path is not None:
-        d4rl = D4RL_NAME.fullmatch(name)
-        return (
-            (*D4RL_REF_SCORES[name.split("-")[0]], f"D4RL reference returns for {name} (d4rl/infos.py)")
-            if d4rl
-            else None
-        )
+        return icq_data.d4rl_reference_scores(args.dataset_path)
     return RANDOM_RETURN, HEURISTIC_RETURN, "built-in: uniform random and heuristic lander, 1000 episodes each"
 
 
@@ -468,12 +367,10 @@ def main(args):
         columns, returns = load_d4rl_hdf5(args.dataset_path, args.timeout_as_terminal)
     else:
         columns, returns, landers = load_builtin(args.quality, args.dataset_size)
-    env = make_env(args.env_id, minari_dataset)
-    refs = reference_scores(args, minari_dataset)
-    names = ("obs", "actions", "rewards", "next_obs", "next_actions", "dones")
-    data = {n: torch.as_tensor(np.asarray(c, dtype=np.float32), device=device) for n, c in zip(names, columns)}
+    env, refs = make_env(args.env_id, minari_dataset), reference_scores(args, minari_dataset)
+    data = {k: torch.as_tensor(np.asarray(c, dtype=np.float32), device=device) for k, c in zip(KEYS, columns)}
     obs_dim, act_dim = data["obs"].shape[1], data["actions"].shape[1]
-    env_obs_dim = flatten_obs(env.observation_space.sample()).shape[0]
+    env_obs_dim = icq_data.flatten_obs(env.observation_space.sample()).shape[0]
     if (obs_dim, act_dim) != (env_obs_dim, env.action_space.shape[0]):
         fail(f"the data and the env disagree: observation size {obs_dim} vs {env_obs_dim}, action size {act_dim} vs "
              f"{env.action_space.shape[0]} (data: {args.dataset_id or args.dataset_path}, env: {env.spec.id}); "
@@ -501,7 +398,7 @@ def main(args):
     warned = False
     for step in range(start_step + 1, args.total_steps + 1):
         idx = torch.randint(num_transitions, (args.batch_size,), device=device)
-        batch = tuple(data[k][idx] for k in ("obs", "actions", "rewards", "next_obs", "next_actions", "dones"))
+        batch = tuple(data[k][idx] for k in KEYS)
         loss_q, q, rho = critic_loss(critic, critic_target, batch, gamma=args.gamma, temperature=args.critic_alpha,
                                      scale=args.critic_weight_scale, clip=args.clip_critic_weights)  # fmt: skip
         critic_optimizer.zero_grad()
@@ -538,8 +435,7 @@ def main(args):
             run.check_finite(nonfinite_step)
             antmaze = args.preset == "antmaze"
             with run.timing_evaluation():
-                results = evaluate(actor, env, episodes=args.eval_episodes, seed=args.seed + 10_000, device=device,
-                                   antmaze=antmaze)  # fmt: skip
+                results = evaluate(actor, env, args.eval_episodes, args.seed + 10_000, device, antmaze=antmaze)
             results["score"] = normalized_score(refs, antmaze, results["return"], results["success_rate"])
             run.evaluated(step, results)
         if run.stopped:

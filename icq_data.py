@@ -1,8 +1,9 @@
-"""Built-in datasets of the ICQ scripts: the generators, not ICQ.
+"""Built-in datasets of the ICQ scripts and their data-file readers: the generators and the file formats, not ICQ.
 
-The scripts import this module only in the branch that records a missing built-in file, and it imports no script:
-a generator that needs an environment adapter is handed the script's. Its command line records a dataset ahead of a
-run (for a cluster without network, or to inspect the data):
+icq_discrete.py and icq_ma_smac.py import this module only in the branch that records a missing built-in file or
+reads a vault; icq_continuous.py reads all its data through it (D4RL files, Minari datasets, the built-in files) and
+checks them with check_array. It imports no script: a generator that needs an environment adapter is handed the
+script's. Its command line records a dataset ahead of a run (for a cluster without network, or to inspect the data):
 
     python icq_data.py lunar-discrete --quality mixed --dataset-size 100000
     python icq_data.py lunar-continuous --quality mixed --dataset-size 100000
@@ -13,6 +14,7 @@ import contextlib
 import io
 import json
 import os
+import re
 from typing import Literal
 
 import numpy as np
@@ -153,6 +155,134 @@ def record_lunar_continuous(quality, size, path):
 def lunar_continuous(quality: Literal["good", "medium", "mixed"] = "mixed", dataset_size: int = 100_000):
     """icq_continuous.py's built-in data: datasets/LunarLanderContinuous-v3-{quality}-{dataset_size}.npz and .json."""
     record_lunar_continuous(quality, dataset_size, f"datasets/LunarLanderContinuous-v3-{quality}-{dataset_size}")
+
+
+def read_lunar_continuous(quality, size, path, fix):
+    """The episodes [(obs, actions, rewards, terminals)] of path.npz (obs has one more row than actions) and
+    {lander: mean episode return} of path.json, recorded first if either is missing; an unreadable file is one line."""
+    if not (os.path.exists(path + ".npz") and os.path.exists(path + ".json")):
+        print(f"generating {path}.npz", flush=True)
+        record_lunar_continuous(quality, size, path)
+    try:
+        with np.load(path + ".npz") as npz, open(path + ".json") as f:
+            d, landers = {k: npz[k] for k in npz.files}, json.load(f)["lander_mean_return"]
+        ends = np.cumsum(d["lengths"])  # episode i has rows start + i .. end + i of obs
+        episodes = [(d["obs"][s + i : e + i + 1], d["actions"][s:e], d["rewards"][s:e], d["terminals"][s:e])
+                    for i, (s, e) in enumerate(zip(ends - d["lengths"], ends))]  # fmt: skip
+    except Exception as exc:  # a truncated zip or json, a missing array: numpy and json raise many types
+        raise SystemExit(f"error: {path}.npz cannot be read ({type(exc).__name__}: {str(exc)[:80]}); {fix}")
+    return episodes, landers
+
+
+# =====================================================================================================================
+# D4RL and Minari data (icq_continuous.py): the readers of an original D4RL HDF5 file and of a Minari dataset, D4RL's
+# reference returns, the Minari ids of the paper's D4RL datasets, AntMaze's observation layout (the same in the data
+# and the eval env). Data that cannot be used stop with one line saying what to do.
+D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
+# D4RL reference returns (d4rl/infos.py), used only for an original D4RL file named as D4RL names its datasets.
+D4RL_REF_SCORES = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0),
+                   "walker2d": (1.629008, 4592.3), "pen": (96.262799, 3076.8331), "door": (-56.512833, 2880.5693),
+                   "hammer": (-274.856578, 12794.1348), "relocate": (-6.425911, 4233.8778)}  # fmt: skip
+D4RL_NAME = re.compile(r"(hopper|halfcheetah|walker2d)-(random|medium|expert|medium-replay|medium-expert|full-replay)"
+                       r"-v[012]|(pen|door|hammer|relocate)-(human|cloned|expert)-v[01]")  # fmt: skip
+MINARI_IDS = {r"(hopper|halfcheetah|walker2d)-(medium|expert)(-replay|-expert)?-v\d": "mujoco/{0}/{1}-v0",
+              r"(pen|door|hammer|relocate)-(human|cloned|expert)-v\d": "D4RL/{0}/{1}-v2",
+              r"antmaze-((umaze|medium|large)(-play|-diverse)?)-v\d": "D4RL/antmaze/{0}-v1"}  # fmt: skip
+
+
+def read_d4rl_episodes(path, fix):
+    """The episodes [(obs, actions, rewards, terminals)] of a D4RL file (one long array per key; obs gets one more row
+    than actions): an episode ends at a terminal or a timeout, the final row ends one too."""
+    import h5py
+
+    if not os.path.isfile(path) or not h5py.is_hdf5(path):
+        raise SystemExit(f"error: --dataset-path {path}" + (
+            f" is not an HDF5 file (expected a D4RL file with keys {', '.join(D4RL_KEYS)})" if os.path.isfile(path)
+            else f": no such file; pass a D4RL HDF5 file (keys {', '.join(D4RL_KEYS)})"))  # fmt: skip
+    try:
+        with h5py.File(path, "r") as f:
+            if missing := [k for k in D4RL_KEYS if k not in f]:
+                raise SystemExit(f"error: {path} is not a D4RL file: missing keys {missing} (has {sorted(f.keys())}); "
+                                 f"{fix}")  # fmt: skip
+            data = {k: f[k][()] for k in (*D4RL_KEYS, "next_observations") if k in f}
+            if "infos/goal" in f:  # AntMaze: append the goal, as the authors' replay buffer does
+                for k in {"observations", "next_observations"} & data.keys():
+                    data[k] = np.concatenate([data[k], f["infos/goal"][()]], axis=-1)
+    except (OSError, RuntimeError, ValueError, TypeError, KeyError) as exc:  # h5py: on open or on read
+        raise SystemExit(f"error: --dataset-path {path} cannot be read ({str(exc).splitlines()[0][:100]}): truncated "
+                         "(a half-finished download?) or corrupt; download it again")  # fmt: skip
+    if data["rewards"].ndim != 1 or len({x.shape[:1] for x in data.values()}) != 1 or not len(data["rewards"]):
+        raise SystemExit(f"error: {path}: not D4RL's layout (one row per transition in every key, some rows): shapes "
+                         f"{ {k: x.shape for k, x in data.items()} }; {fix}")  # fmt: skip
+    n, terminals = len(data["rewards"]), data["terminals"].astype(bool)
+    ends = sorted(set(np.flatnonzero(terminals | data["timeouts"].astype(bool)).tolist()) | {n - 1})
+    # An episode's final observation is next_observations[end] when the file has it; otherwise it only pads a row
+    # that is either dropped (timeout) or terminal (s' unused).
+    obs, last_obs = data["observations"], data.get("next_observations", data["observations"])
+    return [(np.concatenate([obs[s : e + 1], last_obs[e : e + 1]]), data["actions"][s : e + 1],
+             data["rewards"][s : e + 1], terminals[s : e + 1]) for s, e in zip([0] + [e + 1 for e in ends[:-1]], ends)
+            ]  # fmt: skip
+
+
+def flatten_obs(obs):
+    """AntMaze dict observations (Minari's data and eval env) become the D4RL 29-d layout (x, y first) followed by the
+    2-d goal, as read_d4rl_episodes appends infos/goal to a D4RL file's observations."""
+    keys = ("achieved_goal", "observation", "desired_goal")
+    return np.concatenate([obs[k] for k in keys], axis=-1) if isinstance(obs, dict) else obs
+
+
+def read_minari(dataset_id, fix):
+    """The episodes [(obs, actions, rewards, terminals)] of a Minari dataset of the local store with continuous actions,
+    and the dataset; one line if it is a D4RL name, is not downloaded, has discrete actions or cannot be read."""
+    refuse_d4rl_name(dataset_id)
+    import gymnasium as gym
+    import minari
+
+    try:
+        dataset = minari.load_dataset(dataset_id)
+    except (FileNotFoundError, ValueError) as exc:
+        root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+        raise SystemExit(f"error: Minari dataset '{dataset_id}' is not in the local store ({root}: {str(exc)[:100]}); "
+                         f"download it once with `minari download {dataset_id}` (needs network and `pip install "
+                         "\"minari[hf]\"`), or pass an original D4RL file with --dataset-path FILE.hdf5 --env-id "
+                         "ENV")  # fmt: skip
+    if not isinstance(dataset.action_space, gym.spaces.Box):
+        raise SystemExit(f"error: Minari dataset {dataset_id} has discrete actions ({dataset.action_space}): use "
+                         "icq_discrete.py")  # fmt: skip
+    try:
+        episodes = [(flatten_obs(ep.observations), ep.actions, ep.rewards, ep.terminations)
+                    for ep in dataset.iterate_episodes()]  # fmt: skip
+    except (OSError, KeyError, ValueError, IndexError) as exc:
+        raise SystemExit(f"error: Minari dataset {dataset_id} cannot be read ({type(exc).__name__}: {str(exc)[:100]}); "
+                         f"{fix}")  # fmt: skip
+    return episodes, dataset
+
+
+def d4rl_reference_scores(path):
+    """(D4RL's return scored 0, scored 100, source) for a file named as D4RL names a dataset, else None."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    if D4RL_NAME.fullmatch(name):
+        return *D4RL_REF_SCORES[name.split("-")[0]], f"D4RL reference returns for {name} (d4rl/infos.py)"
+    return None
+
+
+def refuse_d4rl_name(dataset_id):
+    """Stop with "did you mean" if the Minari id `dataset_id` is the D4RL name of one of the paper's datasets."""
+    for pattern, minari_id in MINARI_IDS.items():
+        if m := re.fullmatch(pattern, dataset_id):
+            raise SystemExit(f"error: --dataset-id {dataset_id} is a D4RL name: did you mean --dataset-id "
+                             f"{minari_id.format(*m.groups())}? (Minari's mujoco/* data are regenerated on Gymnasium "
+                             "v5 with new policies, not D4RL's; for the paper's data pass the D4RL file: "
+                             f"--dataset-path {dataset_id}.hdf5 --env-id ENV)")  # fmt: skip
+
+
+def check_array(source, key, x, ndim, fix):
+    """Stop with one line naming `source` unless its array `key` is an `ndim`-d array of finite numbers."""
+    if x.dtype.kind not in "iuf" or x.ndim != ndim:
+        raise SystemExit(f"error: {source}: its {key} have dtype {x.dtype} and shape {x.shape}, not {ndim}-d numbers; "
+                         f"{fix}")  # fmt: skip
+    if not np.isfinite(x).all():
+        raise SystemExit(f"error: {source}: its {key} hold NaN or inf; {fix}")
 
 
 # =====================================================================================================================
