@@ -185,6 +185,10 @@ speed_runs() {  # speed__<script>__<config>__<icq|floor>__<repeat>; the floor ru
       run "speed__ma__3s_vs_5z-${mode}__floor__$r" benchmarks/aggregate.py floor ma "${smax[@]}" \
         --total-steps "$SPEED_MA_ITERATIONS"
     done
+    for mode in eager compiled; do  # issue 25: the same iterations timed inside the loop, compile time apart
+      run "speed__ma__3s_vs_5z-steady-${mode}__icq__$r" benchmarks/compile_speed.py "$mode" --map 3s_vs_5z \
+        --quality medium --batch-size 32 --threads 1 --iterations "$SPEED_MA_ITERATIONS" --eval-episodes 1
+    done
   done
 }
 

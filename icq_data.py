@@ -1,9 +1,10 @@
 """Built-in datasets of the ICQ scripts and their data-file readers: the generators and the file formats, not ICQ.
 
-icq_discrete.py and icq_ma_smac.py import this module only in the branch that records a missing built-in file or
-reads a vault; icq_continuous.py reads all its data through it (D4RL files, Minari datasets, the built-in files) and
-checks them with check_array. It imports no script: a generator that needs an environment adapter is handed the
-script's. Its command line records a dataset ahead of a run (for a cluster without network, or to inspect the data):
+icq_discrete.py imports this module only in the branch that records a missing built-in file; icq_ma_smac.py reads
+its episode files and vaults through it (read_pymarl) and records the built-in SMAX files; icq_continuous.py reads
+all its data through it (D4RL files, Minari datasets, the built-in files) and checks them with check_array. It
+imports no script: a generator that needs an environment adapter is handed the script's.
+Its command line records a dataset ahead of a run (for a cluster without network, or to inspect the data):
 
     python icq_data.py lunar-discrete --quality mixed --dataset-size 100000
     python icq_data.py lunar-continuous --quality mixed --dataset-size 100000
@@ -518,6 +519,31 @@ def smax_state(map: str, source: str, path: str):
     import importlib
 
     normalise_smax_state(importlib.import_module("icq_ma_smac").SmaxAdapter(map), source, path)
+
+
+# =====================================================================================================================
+# PyMARL episode files (icq_ma_smac.py): an HDF5 file with one array per key, or an OG-MARL vault (below).
+def read_pymarl(path, keys, layout):
+    """The arrays `keys` of a PyMARL episode file (HDF5) or an OG-MARL vault DIR.vlt/UID, and its map name if it has
+    one, or one line saying what is wrong with the file; `layout` describes the format in that line."""
+    if os.path.isdir(path):
+        return read_vault(path)
+    import h5py
+
+    if not os.path.isfile(path) or not h5py.is_hdf5(path):
+        problem = " is not an HDF5 file" if os.path.isfile(path) else ": no such file"
+        raise SystemExit(f"error: --dataset-path {path}{problem}; pass a PyMARL episode file ({layout})")
+    try:
+        with h5py.File(path, "r") as f:
+            if any(k not in f for k in keys):
+                missing = [k for k in keys if k not in f]
+                raise SystemExit(f"error: {path} is not a PyMARL episode file: missing keys {missing} (has "
+                                 f"{sorted(f.keys())}); needs {list(keys)}")  # fmt: skip
+            data_map = f.attrs.get("map_name")
+            return {k: f[k][:] for k in keys}, getattr(data_map, "decode", lambda: data_map)()
+    except OSError as exc:  # h5py raises it on open or on read of a truncated or corrupt file
+        raise SystemExit(f"error: {path} is not a readable HDF5 file: {str(exc).splitlines()[0][:100]}; it may be "
+                         "truncated or corrupt: download or record it again")  # fmt: skip
 
 
 # =====================================================================================================================

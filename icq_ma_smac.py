@@ -12,6 +12,7 @@ import os
 import random
 import sys
 from dataclasses import dataclass
+from functools import partial
 from typing import Annotated, Literal, Optional
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from icq_harness import Run, fail, flag, restore_args
+from icq_harness import Run, compiled_step, fail, flag, restore_args
 
 SCRIPT = os.path.basename(__file__)
 
@@ -53,6 +54,8 @@ class Args:
     """a checkpoint.pt to continue: its run's settings are restored (only schedule flags may change)"""
     threads: int = 1
     """torch CPU threads (the many small per-timestep critic steps run fastest on one)"""
+    compile: bool = False
+    """torch.compile each critic step (with --critic-updates sequential; same math, float rounding differs)"""
     # Data and environment
     dataset_path: Annotated[Optional[str], resolved_default("smax: datasets/smax_{map}_{quality}_{N}ep_v2.h5")] = None
     """a PyMARL episode file (HDF5) or an OG-MARL vault (DIR.vlt/UID); without it, smax records the default file"""
@@ -127,6 +130,8 @@ def resolve_args(args):
         fail(f"--reward-scale must be a finite number > 0 (got {args.reward_scale})")
     if not 0 <= args.td_lambda <= 1:
         fail(f"--td-lambda must be in [0, 1] (got {args.td_lambda})")
+    if args.compile and args.critic_updates != "sequential":
+        fail("--compile compiles the per-timestep critic steps: it needs --critic-updates sequential")
     for name in ("total_steps", "batch_size", "eval_interval", "eval_episodes", "log_interval", "dataset_size",
                  "target_update_interval", "threads", "actor_hidden"):  # fmt: skip
         if getattr(args, name) < 1:
@@ -146,30 +151,9 @@ def transition_mask(filled, terminated):  # [E, T] each -> bool [E, T-1]
     return mask & (terminated[:, :-1] | has_next)
 
 
-def read_pymarl_hdf5(path):
-    """The arrays of a PyMARL episode file (DATA_KEYS) and its map name, if it has one."""
-    if os.path.isdir(path):  # an OG-MARL vault, DIR.vlt/UID: icq_data.py reads it with flashbax into these arrays
-        return importlib.import_module("icq_data").read_vault(path)
-    import h5py
-
-    if not os.path.isfile(path) or not h5py.is_hdf5(path):
-        problem = " is not an HDF5 file" if os.path.isfile(path) else ": no such file"
-        fail(f"--dataset-path {path}{problem}; pass a PyMARL episode file ({PYMARL_LAYOUT})")
-    try:
-        with h5py.File(path, "r") as f:
-            if any(k not in f for k in DATA_KEYS):
-                fail(f"{path} is not a PyMARL episode file: missing keys {[k for k in DATA_KEYS if k not in f]} (has "
-                     f"{sorted(f.keys())}); needs {list(DATA_KEYS)}")  # fmt: skip
-            data_map = f.attrs.get("map_name")
-            return {k: f[k][:] for k in DATA_KEYS}, getattr(data_map, "decode", lambda: data_map)()
-    except OSError as exc:  # h5py raises it on open or on read of a truncated or corrupt file
-        fail(f"{path} is not a readable HDF5 file: {str(exc).splitlines()[0][:100]}; it may be truncated or corrupt: "
-             "download or record it again")  # fmt: skip
-
-
 def load_pymarl_hdf5(path, info, map_name, backend, device, reward_scale=1.0):
     """Episode tensors on `device`, rewards times reward_scale, or one line saying what is wrong with the data."""
-    raw, data_map = read_pymarl_hdf5(path)
+    raw, data_map = importlib.import_module("icq_data").read_pymarl(path, DATA_KEYS, PYMARL_LAYOUT)
     shapes, (E, T) = {k: raw[k].shape for k in DATA_KEYS}, (raw["obs"].shape + (0, 0))[:2]
     for k, rank in zip(DATA_KEYS, (4, 3, 4, 4, 3, 3, 3)):
         per_step = k in DATA_KEYS[4:] + ("actions",)  # one number per row (and agent)
@@ -336,11 +320,12 @@ def episodes_per_timestep(valid):
     return torch.split(episodes, valid.sum(0).tolist())
 
 
-def critic_loss(critic, mixer, state, obs, actions, targets):
-    """Squared error of Q_tot(s, a) = sum_i k_i(s) Q_i(s, o_i, a_i) + b(s) (eq. 16) against the TD(lambda) targets."""
+def critic_loss(critic, mixer, state, obs, actions, targets, valid=None):
+    """Squared error of Q_tot(s, a) = sum_i k_i(s) Q_i(s, o_i, a_i) + b(s) (eq. 16) against the TD(lambda) targets;
+    its mean over the rows, or over the rows where `valid` (0 / 1) is 1."""
     k, b = mixer(state)
-    q_tot = (k * critic(state, obs).gather(-1, actions.unsqueeze(-1)).squeeze(-1)).sum(-1) + b
-    return ((q_tot - targets) ** 2).mean()
+    squared_error = ((k * critic(state, obs).gather(-1, actions.unsqueeze(-1)).squeeze(-1)).sum(-1) + b - targets) ** 2
+    return squared_error.mean() if valid is None else (valid * squared_error).sum() / valid.sum()
 
 
 def previous_actions_onehot(actions, n_actions):
@@ -566,8 +551,17 @@ def clipped_step(optimizer, loss, params, max_norm):
     optimizer.step()
 
 
-def critic_phase(critic, mixer, optimizer, params, *, state, obs, actions, targets, valid, sequential, max_norm):
-    """The critic's steps on a batch: one per timestep with valid episodes (authors') or one over all; (loss, count)"""
+def critic_phase(critic, mixer, optimizer, params, *, state, obs, actions, targets, valid, sequential, max_norm,
+                 compiled=None):  # fmt: skip
+    """The critic's steps on a batch: one per timestep with valid episodes (authors') or one over all; (loss, count).
+    compiled (--compile): timestep t's step sees every episode, those without a valid transition at t masked out, so
+    all steps have one shape and one compiled graph serves them."""
+    if compiled is not None:
+        columns = [x.transpose(0, 1).contiguous() for x in (state, obs, actions, targets, valid.float())]
+        steps = [t for t, count in enumerate(valid.sum(0).tolist()) if count]
+        for t in steps:
+            loss = compiled(*(x[t] for x in columns))
+        return loss, len(steps)
     if sequential:
         indices = [(e, torch.full_like(e, t)) for t, e in enumerate(episodes_per_timestep(valid)) if len(e)]
     else:
@@ -626,7 +620,8 @@ def main(args):
     counters = {"critic_steps": 0, "last_target_update": 0}  # critic optimiser steps, the last target copy's
     info = {"backend": backend, "dataset": path, "dataset_return": dataset_return, "reward_scale": reward_scale}
     start_step = run.begin(modules, device, state=counters, info=info, metrics=("win_rate",))
-
+    critic_step = partial(critic_loss, critic, mixer)  # --compile: its optimiser step fused into one graph
+    compiled = compiled_step(critic_step, [critic, mixer], critic_optimizer, args.grad_clip) if args.compile else None
     nonfinite_step = torch.full((), -1, device=device)  # first step with a NaN/inf loss, read at log intervals
     for step in range(start_step + 1, args.total_steps + 1):
         # A batch of distinct episodes, cut to the longest one (one host sync: the cut length decides the loop length).
@@ -652,7 +647,7 @@ def main(args):
                                           critic_alpha=args.critic_alpha, log_mu=log_mu)  # fmt: skip
         loss_q, n_steps = critic_phase(critic, mixer, critic_optimizer, critic_params, state=state, obs=obs,
                                        actions=actions, targets=targets, valid=valid, max_norm=args.grad_clip,
-                                       sequential=args.critic_updates == "sequential")  # fmt: skip
+                                       sequential=args.critic_updates == "sequential", compiled=compiled)  # fmt: skip
         counters["critic_steps"] += n_steps
         if counters["critic_steps"] - counters["last_target_update"] >= args.target_update_interval:
             critic_target.load_state_dict(critic.state_dict())

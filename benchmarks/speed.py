@@ -5,6 +5,7 @@ import platform
 import statistics
 import time
 
+from benchmarks.compile_speed import table as compile_table
 from benchmarks.runs import collect, commit_line, fmt, missing_note
 
 SCRIPTS = {"continuous": "icq_continuous.py", "discrete": "icq_discrete.py", "ma": "icq_ma_smac.py"}
@@ -87,4 +88,14 @@ def speed_table(list_path):
             f"Peak RSS of icq_continuous.py, 1M minus 1k transitions: {grown:.0f} MB for {raw / 2**20:.0f} MB of raw "
             f"arrays ({grown * 2**20 / raw:.2f}x; includes the loader's temporary copies).",
         ]
+    steady = []  # compile_speed.py's runs: the repeat with the median seconds per iteration
+    for _, methods in sorted(groups.items()):
+        timed = [r for _, r in methods.get("icq", []) if "seconds_per_iteration" in r]
+        if timed:
+            steady.append(sorted(timed, key=lambda r: r["seconds_per_iteration"])[len(timed) // 2])
+    if steady:
+        lines += ["", "icq_ma_smac.py eager against --compile, side by side in this grid (benchmarks/compile_speed.py, "
+                  "timed inside the training loop): seconds per iteration after the warmup (the repeat with the "
+                  "median), compile time (what the warmup iterations took beyond steady ones), compiled graphs, "
+                  "recompilations, and each phase's seconds per iteration.", "", *compile_table(steady)]  # fmt: skip
     return lines + missing_note(missing)

@@ -555,6 +555,49 @@ def assert_same_parameters(a, b):
             assert torch.equal(value, b["modules"][key][name]), f"{key}.{name} differs after resume"
 
 
+def test_compiled_critic_steps_match_eager(tmp_path, jax_env):
+    """--compile (each timestep's critic step at the batch's full width, padding masked, fused by torch.compile into
+    one graph) trains the same networks as the eager steps: the same number of critic steps, parameters equal to a
+    relative 1e-4 (float rounding: the padded sums and the compiled kernels add in another order)."""
+    write_pymarl_h5(tmp_path / "3s_vs_5z.h5", episodes=8, rows=10)
+    common = ("--env-backend smax --dataset-path 3s_vs_5z.h5 --actor-hidden 16 --alpha 1 --total-steps 3 "
+              "--batch-size 4 --eval-interval 3 --eval-episodes 1 --log-interval 1").split()  # fmt: skip
+    for name, extra in (("eager", ()), ("compiled", ("--compile",))):
+        run_script(SCRIPT, *common, *extra, "--run-name", name, cwd=tmp_path, env=jax_env)
+    eager, compiled = (
+        torch.load(tmp_path / f"runs/{n}/checkpoint.pt", weights_only=False) for n in ("eager", "compiled")
+    )
+    assert eager["state"] == compiled["state"] and eager["state"]["critic_steps"] > 3  # per-timestep steps
+    for key in ("actor", "critic", "mixer", "critic_optimizer"):
+        left, right = eager["modules"][key], compiled["modules"][key]
+        tensors = (
+            [(left[n], right[n]) for n in left]
+            if key != "critic_optimizer"
+            else [(left["state"][i][k], right["state"][i][k]) for i in left["state"] for k in ("step", "square_avg")]
+        )
+        for x, y in tensors:
+            assert float((x - y).norm()) <= 1e-4 * float(x.norm()) + 1e-7, key
+    assert_user_error(run_script(SCRIPT, *common, "--compile", "--critic-updates", "batched", cwd=tmp_path,
+                                 env=jax_env, check=False), "--compile", "needs --critic-updates sequential")  # fmt: skip
+
+
+def test_compile_speed_times_the_training_loop(tmp_path, jax_env):
+    """benchmarks/compile_speed.py (benchmark.sh speed's steady rows, benchmarks/gpu_speed.sh on a GPU) on CPU: the
+    script's own loop, timed per iteration after the warmup and per phase, the evaluation apart, and the table."""
+    write_pymarl_h5(tmp_path / "3s_vs_5z.h5", episodes=8, rows=10)
+    args = ("eager", "--env-backend", "smax", "--dataset-path", "3s_vs_5z.h5", "--batch-size", 4, "--actor-hidden", 16,
+            "--iterations", 3, "--warmup", 1, "--eval-episodes", 1, "--run-name", "timed")  # fmt: skip
+    run_script("benchmarks/compile_speed.py", *args, cwd=tmp_path, env=jax_env)
+    summary = json.loads((tmp_path / "runs/timed/summary.json").read_text())
+    assert summary["finished"] and summary["step"] == 4 and summary["graphs"] == 0 and summary["device"] == "cpu"
+    phases = summary["phases_per_iteration"]
+    assert {"critic steps", "TD targets", "actor and behaviour GRU forwards"} <= phases.keys()
+    assert min(phases.values()) > 0 and summary["seconds_per_iteration"] > phases["critic steps"]
+    assert summary["evaluation_seconds"] > 0 and summary["steps_per_second_with_compile"] > 0
+    table = run_script("benchmarks/compile_speed.py", "table", "runs/timed/summary.json", cwd=tmp_path).stdout
+    assert "| eager | cpu |" in table and "critic steps" in table
+
+
 def test_pymarl_h5_trains_and_resume_is_exact(tmp_path, jax_env):
     """A run stopped at iteration 2 and resumed with no other flag than --total-steps ends equal to a straight run:
     --save-model, the critic mode, the target interval and the GRU width all come from the checkpoint."""
