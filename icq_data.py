@@ -523,11 +523,43 @@ def smax_state(map: str, source: str, path: str):
 
 # =====================================================================================================================
 # PyMARL episode files (icq_ma_smac.py): an HDF5 file with one array per key, or an OG-MARL vault (below).
-def read_pymarl(path, keys, layout):
-    """The arrays `keys` of a PyMARL episode file (HDF5) or an OG-MARL vault DIR.vlt/UID, and its map name if it has
-    one, or one line saying what is wrong with the file; `layout` describes the format in that line."""
-    if os.path.isdir(path):
-        return read_vault(path)
+def read_pymarl(path, keys, layout, info, map_name, backend):
+    """The arrays `keys` of a PyMARL episode file (HDF5) or an OG-MARL vault DIR.vlt/UID, cut to the longest episode,
+    checked against the env (`info`: n_agents, n_actions, obs_shape, state_shape; the map name the file stores), or one
+    line saying what is wrong; `layout` describes the format in that line."""
+    raw, data_map = read_vault(path) if os.path.isdir(path) else read_pymarl_hdf5(path, keys, layout)
+    shapes, (E, T) = {k: raw[k].shape for k in keys}, (raw["obs"].shape + (0, 0))[:2]
+    for k, rank in zip(keys, (4, 3, 4, 4, 3, 3, 3)):
+        per_step = k in keys[4:] + ("actions",)  # one number per row (and agent)
+        if len(shapes[k]) != rank or shapes[k][:2] != (E, T) or per_step > (shapes[k][-1:] == (1,)) or (
+                raw[k].dtype.kind not in "biuf"):  # fmt: skip
+            raise SystemExit(f"error: {path}: {k} is {raw[k].dtype} {list(shapes[k])}, not numbers in the PyMARL "
+                             f"layout ({layout})")  # fmt: skip
+    if E == 0 or T < 2:
+        raise SystemExit(f"error: {path} holds {E} episodes of {T} rows, no data; record or download the dataset again")
+    rows = int(raw["filled"].reshape(E, T).sum(1).max())  # drop the all-padding columns
+    raw = {k: v[:, : max(rows, 2)] for k, v in raw.items()}
+    shape = {"n_agents": shapes["obs"][2], "n_actions": shapes["avail_actions"][3], "obs_shape": shapes["obs"][3],
+             "state_shape": shapes["state"][2]}  # fmt: skip
+    diffs = [f"{k} {shape[k]} (dataset) vs {info[k]} (env)" for k in shape if shape[k] != info[k]]
+    diffs = [f"map {data_map} (dataset) vs {map_name} (env)"] * (data_map not in (None, map_name)) + diffs
+    if diffs:
+        raise SystemExit(f"error: {path} does not match the {backend} env of map {map_name}: {'; '.join(diffs)}. Use "
+                         "data recorded on the same map, backend and version (a raw SMAX world state: python "
+                         "icq_data.py smax-state)")  # fmt: skip
+    for k in ("obs", "state", "reward"):
+        if not np.isfinite(raw[k]).all():
+            raise SystemExit(f"error: {path}: {k} holds NaN or inf values; fix the file or record the dataset again")
+    low, high = raw["actions"].min(), raw["actions"].max()
+    if (raw["actions"] % 1 != 0).any() or low < 0 or high >= info["n_actions"]:
+        n = info["n_actions"]
+        raise SystemExit(f"error: {path}: actions range {low:g}..{high:g}, the {backend} env has the discrete "
+                         f"actions 0..{n - 1} (ICQ-MA needs the action ids, not continuous actions)")  # fmt: skip
+    return raw
+
+
+def read_pymarl_hdf5(path, keys, layout):
+    """The arrays `keys` of a PyMARL episode file and its map name (None if it stores none)."""
     import h5py
 
     if not os.path.isfile(path) or not h5py.is_hdf5(path):

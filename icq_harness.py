@@ -2,7 +2,7 @@
 
 runs/{run_name}/ (TensorBoard, the hyperparameter table, wandb under --track), atomic checkpoints with RNG state,
 --resume with the checkpoint's settings, SIGINT / SIGTERM, summary.json over every segment of a run, the progress
-line with its ETA, one-line errors; a compiled optimiser step (--compile). Details: docs/runs.md."""
+line with its ETA, one-line errors. Details: docs/runs.md."""
 
 import contextlib
 import dataclasses
@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 import torch
-from torch.optim.rmsprop import rmsprop  # the functional update torch.optim.RMSprop.step runs
 from torch.utils.tensorboard import SummaryWriter
 
 # Flags a resumed run may change; every other setting comes from the checkpoint (--run-name and --cuda are kept too).
@@ -96,29 +95,6 @@ def restore_args(args_class, args, script, resolved=()):
         fail(f"--resume {args.resume}: the run is at step {step} of --total-steps {restored.total_steps}; pass "
              f"--total-steps N with N > {step} to train on")  # fmt: skip
     return restored
-
-
-def compiled_step(loss_fn, modules, optimizer, max_norm):
-    """loss_fn(*inputs)'s optimiser step as one compiled graph: torch.func gradients, clip_grad_norm_'s clip, RMSprop's
-    own update, in place on the parameters and the optimiser's state (as its eager step). Build it after begin()."""
-    holder = torch.nn.ModuleList(modules)
-    holder.forward = loss_fn  # functional_call(holder, weights) runs loss_fn with `weights` as the modules' parameters
-    params, group = list(holder.parameters()), optimizer.param_groups[0]
-    settings = {k: group[k] for k in ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")}
-    for p in params:  # the state RMSprop creates at its first step
-        optimizer.state[p] = optimizer.state[p] or {"step": torch.zeros(()), "square_avg": torch.zeros_like(p)}
-    square_avgs, counts = ([optimizer.state[p][k] for p in params] for k in ("square_avg", "step"))
-
-    def step(*inputs):
-        weights = {name: p.detach() for name, p in holder.named_parameters()}
-        grads, loss = torch.func.grad_and_value(lambda w: torch.func.functional_call(holder, w, inputs))(weights)
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
-        grads = [g * (max_norm / (norm + 1e-6)).clamp(max=1.0) for g in grads.values()]
-        with torch.no_grad():
-            rmsprop(params, grads, square_avgs, [], [], counts, foreach=False, **settings)
-        return loss.detach().clone()  # a clone: under CUDA graphs, the next replay overwrites the graph's outputs
-
-    return torch.compile(step)
 
 
 class Run:

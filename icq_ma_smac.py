@@ -20,8 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from torch.optim.rmsprop import rmsprop  # the functional update RMSprop.step runs (--compile)
 
-from icq_harness import Run, compiled_step, fail, flag, restore_args
+from icq_harness import Run, fail, flag, restore_args
 
 SCRIPT = os.path.basename(__file__)
 
@@ -152,32 +153,9 @@ def transition_mask(filled, terminated):  # [E, T] each -> bool [E, T-1]
 
 
 def load_pymarl_hdf5(path, info, map_name, backend, device, reward_scale=1.0):
-    """Episode tensors on `device`, rewards times reward_scale, or one line saying what is wrong with the data."""
-    raw, data_map = importlib.import_module("icq_data").read_pymarl(path, DATA_KEYS, PYMARL_LAYOUT)
-    shapes, (E, T) = {k: raw[k].shape for k in DATA_KEYS}, (raw["obs"].shape + (0, 0))[:2]
-    for k, rank in zip(DATA_KEYS, (4, 3, 4, 4, 3, 3, 3)):
-        per_step = k in DATA_KEYS[4:] + ("actions",)  # one number per row (and agent)
-        if len(shapes[k]) != rank or shapes[k][:2] != (E, T) or per_step > (shapes[k][-1:] == (1,)) or (
-                raw[k].dtype.kind not in "biuf"):  # fmt: skip
-            fail(f"{path}: {k} is {raw[k].dtype} {list(shapes[k])}, not numbers in the PyMARL layout ({PYMARL_LAYOUT})")
-    if E == 0 or T < 2:
-        fail(f"{path} holds {E} episodes of {T} rows, no data; record or download the dataset again")
-    rows = int(raw["filled"].reshape(E, T).sum(1).max())  # drop the all-padding columns
-    raw = {k: v[:, : max(rows, 2)] for k, v in raw.items()}
-    shape = {"n_agents": shapes["obs"][2], "n_actions": shapes["avail_actions"][3], "obs_shape": shapes["obs"][3],
-             "state_shape": shapes["state"][2]}  # fmt: skip
-    diffs = [f"{k} {shape[k]} (dataset) vs {info[k]} (env)" for k in shape if shape[k] != info[k]]
-    diffs = [f"map {data_map} (dataset) vs {map_name} (env)"] * (data_map not in (None, map_name)) + diffs
-    if diffs:
-        fail(f"{path} does not match the {backend} env of map {map_name}: {'; '.join(diffs)}. Use data recorded on the "
-             "same map, backend and version (a raw SMAX world state: python icq_data.py smax-state)")  # fmt: skip
-    for k in ("obs", "state", "reward"):
-        if not np.isfinite(raw[k]).all():
-            fail(f"{path}: {k} holds NaN or inf values; fix the file or record the dataset again")
-    low, high = raw["actions"].min(), raw["actions"].max()
-    if (raw["actions"] % 1 != 0).any() or low < 0 or high >= info["n_actions"]:
-        fail(f"{path}: actions range {low:g}..{high:g}, the {backend} env has the discrete actions 0.."
-             f"{info['n_actions'] - 1} (ICQ-MA needs the action ids, not continuous actions)")  # fmt: skip
+    """Episode tensors on `device`, rewards times reward_scale. icq_data.read_pymarl reads the file and checks it
+    against the env (layout, sizes, map, finite values, action ids), stopping with one line that says what is wrong."""
+    raw = importlib.import_module("icq_data").read_pymarl(path, DATA_KEYS, PYMARL_LAYOUT, info, map_name, backend)
     data = {"obs": torch.as_tensor(raw["obs"]), "state": torch.as_tensor(raw["state"]),  # float16 files stay float16
             "actions": torch.as_tensor(raw["actions"].reshape(raw["actions"].shape[:3]).astype(np.int64)),
             "avail": torch.as_tensor(raw["avail_actions"] != 0)}  # fmt: skip
@@ -549,6 +527,29 @@ def clipped_step(optimizer, loss, params, max_norm):
     loss.backward()
     nn.utils.clip_grad_norm_(params, max_norm)
     optimizer.step()
+
+
+def compiled_step(loss_fn, modules, optimizer, max_norm):
+    """--compile: clipped_step of loss_fn(*inputs) as one compiled graph (torch.func gradients, clip_grad_norm_'s clip,
+    torch.optim's own RMSprop update), in place on the parameters and the optimiser's state, as the eager step."""
+    holder = torch.nn.ModuleList(modules)
+    holder.forward = loss_fn  # functional_call(holder, weights) runs loss_fn with `weights` as the modules' parameters
+    params, group = list(holder.parameters()), optimizer.param_groups[0]
+    settings = {k: group[k] for k in ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")}
+    for p in params:  # the state RMSprop creates at its first step
+        optimizer.state[p] = optimizer.state[p] or {"step": torch.zeros(()), "square_avg": torch.zeros_like(p)}
+    square_avgs, counts = ([optimizer.state[p][k] for p in params] for k in ("square_avg", "step"))
+
+    def step(*inputs):
+        weights = {name: p.detach() for name, p in holder.named_parameters()}
+        grads, loss = torch.func.grad_and_value(lambda w: torch.func.functional_call(holder, w, inputs))(weights)
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
+        grads = [g * (max_norm / (norm + 1e-6)).clamp(max=1.0) for g in grads.values()]
+        with torch.no_grad():
+            rmsprop(params, grads, square_avgs, [], [], counts, foreach=False, **settings)
+        return loss.detach().clone()  # a clone: under CUDA graphs, the next replay overwrites the graph's outputs
+
+    return torch.compile(step)
 
 
 def critic_phase(critic, mixer, optimizer, params, *, state, obs, actions, targets, valid, sequential, max_norm,

@@ -577,8 +577,9 @@ def test_compiled_critic_steps_match_eager(tmp_path, jax_env):
         )
         for x, y in tensors:
             assert float((x - y).norm()) <= 1e-4 * float(x.norm()) + 1e-7, key
-    assert_user_error(run_script(SCRIPT, *common, "--compile", "--critic-updates", "batched", cwd=tmp_path,
-                                 env=jax_env, check=False), "--compile", "needs --critic-updates sequential")  # fmt: skip
+    refused = run_script(SCRIPT, *common, "--compile", "--critic-updates", "batched", cwd=tmp_path, env=jax_env,
+                         check=False)  # fmt: skip
+    assert_user_error(refused, "--compile", "needs --critic-updates sequential")
 
 
 def test_compile_speed_times_the_training_loop(tmp_path, jax_env):
