@@ -621,8 +621,9 @@ def main(args):
     counters = {"critic_steps": 0, "last_target_update": 0}  # critic optimiser steps, the last target copy's
     info = {"backend": backend, "dataset": path, "dataset_return": dataset_return, "reward_scale": reward_scale}
     start_step = run.begin(modules, device, state=counters, info=info, metrics=("win_rate",))
-    critic_step = partial(critic_loss, critic, mixer)  # --compile: its optimiser step fused into one graph
-    compiled = compiled_step(critic_step, [critic, mixer], critic_optimizer, args.grad_clip) if args.compile else None
+    batch_loss = partial(critic_loss, critic, mixer)  # --compile fuses its whole optimiser step into one graph
+    compiled = compiled_step(batch_loss, [critic, mixer], critic_optimizer, args.grad_clip) if args.compile else None
+
     nonfinite_step = torch.full((), -1, device=device)  # first step with a NaN/inf loss, read at log intervals
     for step in range(start_step + 1, args.total_steps + 1):
         # A batch of distinct episodes, cut to the longest one (one host sync: the cut length decides the loop length).
