@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issue 24's 3,000-iteration grid, two runs at a time, in GRID_DIR (a checkout; the session ran it in a worktree of
-# 9830c2f, whose training is bit-identical to main's eager path), logs in LOGS. Re-running it resumes unfinished runs
-# from their checkpoints and skips finished ones.
+# Issue 24's 3,000-iteration grid, two runs at a time, in GRID_DIR (a checkout), logs in LOGS. Re-running it resumes
+# unfinished runs from their checkpoints and skips finished ones. The ICQ runs use --compile (the same math; float
+# rounding differs), except the three that started eager, before --compile existed, in a worktree of 9830c2f (training
+# bit-identical to main's eager path): the cap scan's W = 1 run, 2s3z split behavior seed 1 and exact BC seeds 1-2.
 # The cap W is read from $LOGS/W when a capped run starts (the scan decides it; the capped runs come last).
 cd "${GRID_DIR:-.}"; LOGS=${LOGS:-runs/logs}; mkdir -p "$LOGS"
 common="--seed SEED --total-steps 3000 --eval-interval 300 --eval-episodes 64 --log-interval 50 --threads 1"
@@ -10,10 +11,10 @@ for s in 1 2 3; do
   list+=("2s3z split bc $s --map 2s3z --quality split --alpha inf --critic-updates batched")
   list+=("2s3z split behavior $s --map 2s3z --quality split --normalizer behavior --alpha 0.1")
 done
-for s in 1 2 3; do list+=("2s3z split batch $s --map 2s3z --quality split --alpha 0.1"); done
 for s in 1 2 3; do list+=("2s3z split behavior_capW $s --map 2s3z --quality split --normalizer behavior --actor-weight-max W --alpha 0.1"); done
 for s in 2 3; do list+=("3s_vs_5z medium behavior_capW $s --map 3s_vs_5z --quality medium --normalizer behavior --actor-weight-max W --alpha 0.1"); done
 for s in 1 2 3; do list+=("3s_vs_5z mixed behavior_capW $s --map 3s_vs_5z --quality mixed --normalizer behavior --actor-weight-max W --alpha 0.1"); done
+for s in 1 2 3; do list+=("2s3z split batch $s --map 2s3z --quality split --alpha 0.1"); done
 run_one() {
   line="$1"
   case "$line" in *capW*) line="${line//capW/cap$(cat $LOGS/W)}"; line="${line//-max W /-max $(cat $LOGS/W) }";; esac
@@ -23,7 +24,8 @@ run_one() {
   if [ -f runs/$name/checkpoint.pt ]; then
     nice -n 5 python -u icq_ma_smac.py --resume runs/$name/checkpoint.pt >> $LOGS/$name.log 2>&1
   else
-    nice -n 5 python -u icq_ma_smac.py ${common//SEED/$seed} $rest --run-name $name >> $LOGS/$name.log 2>&1
+    extra="--compile"; [ "$method" = bc ] && extra=""   # exact BC: batched critic updates, which --compile refuses
+    nice -n 5 python -u icq_ma_smac.py ${common//SEED/$seed} $rest $extra --run-name $name >> $LOGS/$name.log 2>&1
   fi
 }
 export -f run_one; export common LOGS
