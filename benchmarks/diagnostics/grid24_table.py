@@ -69,6 +69,7 @@ def last3(evaluations):
 
 def main(runs_dir):
     run_dirs = sorted(glob.glob(f"{runs_dir}/grid24__*")) + glob.glob(f"{runs_dir}/cap_scan__*cap1__1")
+    run_dirs = [d for d in run_dirs if os.path.exists(f"{d}/summary.json") or os.path.exists(f"{d}/checkpoint.pt")]
     rows, store = [], {}
     for run_dir in run_dirs:
         a, evaluations, step, finished, rate = read_run(run_dir)
