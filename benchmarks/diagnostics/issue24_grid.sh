@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issue 24's 3,000-iteration grid, two runs at a time, in GRID_DIR (a checkout), logs in LOGS. Re-running it resumes
-# unfinished runs from their checkpoints and skips finished ones. The ICQ runs use --compile (the same math; float
-# rounding differs), except the three that started eager, before --compile existed, in a worktree of 9830c2f (training
-# bit-identical to main's eager path): the cap scan's W = 1 run, 2s3z split behavior seed 1 and exact BC seeds 1-2.
-# The cap W is read from $LOGS/W when a capped run starts (the scan decides it; the capped runs come last).
+# unfinished runs from their checkpoints and skips finished ones. New ICQ runs use --compile (the same math; float
+# rounding differs); 2s3z split behavior seed 1 started eager, before --compile existed, in a worktree of 9830c2f
+# (training bit-identical to main's eager path), and exact BC always runs eager (batched critic updates).
+# The cap W is read from $LOGS/W when a capped run starts (the one-seed scan decides it; see long_runs.md).
 cd "${GRID_DIR:-.}"; LOGS=${LOGS:-runs/logs}; mkdir -p "$LOGS"
 common="--seed SEED --total-steps 3000 --eval-interval 300 --eval-episodes 64 --log-interval 50 --threads 1"
 list=()
