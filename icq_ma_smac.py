@@ -3,8 +3,8 @@
 Algorithm 2 of Yang et al., "Believe What You See: Implicit Constraint Approach for Offline Multi-Agent Reinforcement
 Learning" (NeurIPS 2021, arXiv 2106.03400): the critic evaluates pi* = mu exp(Q_tot / alpha) / Z by TD(lambda) over
 rho * Q'_tot at dataset actions only (eq. 19-20); each agent extracts its policy by weighted behaviour cloning (Sec.
-4.3). Z: the batch softmax of the authors (`--normalizer batch`) or the paper's per-history Z^i(tau^i) from a learned
-behaviour policy (`behavior`). StarCraft II (smac/smacv2) or JaxMARL's SMAX. Details: docs/icq_ma_smac.md."""
+4.3). Z: the paper's per-history Z^i(tau^i) from a learned behaviour policy (`--normalizer behavior`) or the batch
+softmax of the authors' code (`batch`). StarCraft II (smac/smacv2) or JaxMARL's SMAX. Details: docs/icq_ma_smac.md."""
 
 import copy
 import importlib
@@ -79,8 +79,8 @@ class Args:
     """actor temperature of exp(x / alpha) / Z; inf = exact behaviour cloning"""
     critic_alpha: float = 1000.0
     """critic temperature of rho = exp(Q'_tot / critic_alpha) / Z"""
-    normalizer: Literal["batch", "behavior"] = "batch"
-    """Z of the actor weight and rho: batch = softmax over a batch's episodes (authors'), behavior = exact (BC mu)"""
+    normalizer: Literal["behavior", "batch"] = "behavior"
+    """Z of the actor weight and rho: behavior = the paper's exact Z (a BC model mu), batch = the authors' softmax"""
     gamma: float = 0.99
     """the discount factor"""
     td_lambda: float = 0.75

@@ -623,7 +623,7 @@ def test_pymarl_h5_trains_and_resume_is_exact(tmp_path, jax_env):
     for flag_name, value, saved in (
         ("--actor-hidden", 32, 16),
         ("--alpha", 0.1, 1.0),
-        ("--normalizer", "behavior", "batch"),
+        ("--normalizer", "batch", "behavior"),
     ):
         assert_user_error(
             run_script(SCRIPT, "--resume", "runs/resumed/checkpoint.pt", flag_name, value, cwd=tmp_path, env=jax_env,
