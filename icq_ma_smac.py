@@ -91,7 +91,7 @@ class Args:
     """critic optimiser steps between hard copies of the target critic and mixer"""
     mixer_bias: bool = False
     """add the state bias b(s) to Q_tot (the paper's mixer; the authors' code has none)"""
-    actor_weight_max: float = float("inf")
+    actor_weight_max: float = 1.0
     """--normalizer behavior: the actor weight min(w, W), truncated (not in the paper; inf: the paper's weight)"""
     mixer_weight_in_exponent: bool = False
     """--normalizer batch: the weight n softmax(k_i A_i / alpha) instead of the authors' k_i n softmax(A_i / alpha)"""
