@@ -129,11 +129,19 @@ def main(runs_dir):
     for name in ("behavior", "behavior, W = 1"):
         checks = []
         for d, test in (("3s_vs_5z-medium", "within"), ("3s_vs_5z-mixed", "above"), ("2s3z-split", "above")):
-            if (d, name) not in stats or (d, "exact BC") not in stats or stats[d, name][2] < 3:
+            if (d, name) not in stats or (d, "exact BC") not in stats:
                 checks.append(("not all seeds in", None))
                 continue
-            (m, _, _), (bc, bc_sd, _) = stats[d, name], stats[d, "exact BC"]
-            ok = m >= bc - bc_sd if test == "within" else m - bc > bc_sd
+            (m, _, n), (bc, bc_sd, _) = stats[d, name], stats[d, "exact BC"]
+            passes = (lambda v: v >= bc - bc_sd) if test == "within" else (lambda v: v - bc > bc_sd)
+            if n < 3:  # decided already if the missing seeds at 0 and at 1 give the same answer
+                low, high = m * n / 3, (m * n + 3 - n) / 3
+                ok = passes(low) if passes(low) == passes(high) else None
+                answer = "undecided" if ok is None else f"{'yes' if ok else 'no'} whatever they give"
+                checks.append((f"{m:.3f} ({n} seeds; the others at 0: {low:.3f}) vs BC {bc:.3f} ± {bc_sd:.3f}: "
+                               f"{answer}", ok))  # fmt: skip
+                continue
+            ok = passes(m)
             checks.append((f"{m:.3f} vs BC {bc:.3f} ± {bc_sd:.3f}: {'yes' if ok else 'no'}", ok))
         verdict = (
             "undecided" if any(ok is None for _, ok in checks) else ("yes" if all(ok for _, ok in checks) else "no")
